@@ -1,0 +1,1 @@
+"""caster: cache-aware streaming speech recognition."""
