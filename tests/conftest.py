@@ -1,0 +1,53 @@
+"""Shared test helpers: paths to NeMo's reference fixtures in ../shared.
+
+A user's clone has no ../shared: tests that need it skip with a clear message.
+In CI (CI=true) a missing fixture is a failure, so a wrong path cannot pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NEMO_FIXTURES = ROOT.parent / "shared" / "fixtures" / "nemo"
+DATA = Path(__file__).resolve().parent / "data"
+
+EN_MODEL = "tiny_streaming_rnnt"
+PROMPT_MODEL = "tiny_streaming_rnnt_prompt"
+
+
+def require_fixture(path: Path) -> Path:
+    if not path.exists():
+        message = f"NeMo fixture missing: {path} (needs the ../shared checkout)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def nemo_path(model: str) -> Path:
+    return require_fixture(NEMO_FIXTURES / f"{model}.nemo")
+
+
+@functools.cache
+def _oracle() -> tuple[dict[str, np.ndarray], dict]:
+    z = np.load(require_fixture(NEMO_FIXTURES / "oracle.npz"))
+    meta = json.loads((NEMO_FIXTURES / "oracle.json").read_text())
+    return {k: z[k] for k in z.files}, meta
+
+
+@pytest.fixture(scope="session")
+def oracle() -> dict[str, np.ndarray]:
+    """NeMo's recorded arrays, keyed as in ../shared/fixtures/nemo/README.md."""
+    return _oracle()[0]
+
+
+@pytest.fixture(scope="session")
+def oracle_meta() -> dict:
+    return _oracle()[1]
