@@ -167,7 +167,7 @@ class ModelConfig:
         """
         try:
             return _from_nemo(cfg)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             if isinstance(e, ConfigError):
                 raise
             raise ConfigError(f"unsupported or malformed NeMo config: {e!r}") from e
@@ -191,8 +191,8 @@ def _from_nemo(cfg: dict[str, Any]) -> ModelConfig:
     _require(isinstance(guard, int | float), "non-numeric log_zero_guard_value")
     mel = MelConfig(
         sample_rate=sr,
-        win_length=int(round(float(pre.get("window_size", 0.025)) * sr)),
-        hop_length=int(round(float(pre.get("window_stride", 0.01)) * sr)),
+        win_length=round(float(pre.get("window_size", 0.025)) * sr),
+        hop_length=round(float(pre.get("window_stride", 0.01)) * sr),
         n_fft=int(pre.get("n_fft", 512)),
         n_mels=int(pre.get("features", 128)),
         preemph=None if pre.get("preemph", 0.97) is None else float(pre.get("preemph", 0.97)),

@@ -1,0 +1,5 @@
+import sys
+
+from caster.cli import main
+
+sys.exit(main())

@@ -1,0 +1,165 @@
+"""The loaded recognizer: weights, tokenizer and the public transcribe/stream API."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from caster.audio import as_audio, load_audio
+from caster.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from caster.checkpoint.native import save_native
+from caster.config import ModelConfig
+from caster.decoding import greedy_decode, initial_decoder_state
+from caster.languages import canonical_locale, resolve_language
+from caster.mel import mel_filterbank, window
+from caster.streaming import Stream
+from caster.tokenizer import Tokenizer
+from caster.transducer import Transducer
+
+AudioInput = str | os.PathLike | np.ndarray
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """A recognition result.
+
+    text:       the text, language tags removed
+    token_ids:  raw token ids, language tags included
+    language:   the locale asked for, or in `auto` mode the last tag the model
+                emitted (None when it emitted none, or the model has no prompt)
+    token_frames: encoder frame (80 ms steps) at which each token was emitted
+    token_logprobs: log-probability of each token under the joint
+    """
+
+    text: str
+    token_ids: list[int]
+    language: str | None
+    token_frames: list[int]
+    token_logprobs: list[float]
+
+
+def build_transducer(checkpoint: Checkpoint, device: torch.device | str = "cpu") -> Transducer:
+    """Instantiate the network and load the checkpoint's weights (strictly).
+
+    The network is built without allocating weights (meta device) and the
+    checkpoint's tensors are adopted as they are, so loading costs one copy of
+    the weights at most. Front-end buffers a layout does not store (Hugging
+    Face drops them) are computed from the mel config.
+    """
+    cfg = checkpoint.config
+    state = dict(checkpoint.state_dict)
+    # NeMo names the joint's output layer joint_net.1 when its dropout is 0.
+    for suffix in ("weight", "bias"):
+        if f"joint.joint_net.1.{suffix}" in state:
+            state[f"joint.joint_net.2.{suffix}"] = state.pop(f"joint.joint_net.1.{suffix}")
+    state.setdefault("preprocessor.featurizer.fb", mel_filterbank(cfg.mel)[None])
+    state.setdefault("preprocessor.featurizer.window", window(cfg.mel))
+    with torch.device("meta"):
+        net = Transducer(cfg)
+    try:
+        net.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"weights do not fit the configured model: {e}") from e
+    net.decoder.prediction.dec_rnn.lstm.flatten_parameters()
+    return net.to(device).eval()
+
+
+class Model:
+    """A loaded recognizer. Holds no stream state: one instance serves any number of streams."""
+
+    def __init__(self, checkpoint: Checkpoint, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.config: ModelConfig = checkpoint.config
+        self.tokenizer = Tokenizer(checkpoint.tokenizer_model)
+        if self.tokenizer.vocab_size != self.config.decoder.vocab_size:
+            raise CheckpointError(
+                f"tokenizer has {self.tokenizer.vocab_size} pieces, "
+                f"decoder expects {self.config.decoder.vocab_size}"
+            )
+        self._tokenizer_model = checkpoint.tokenizer_model
+        self.net = build_transducer(checkpoint, self.device)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model in caster's own format (safetensors + caster.json + tokenizer)."""
+        state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        return save_native(path, Checkpoint(self.config, state, self._tokenizer_model))
+
+    def prompt_index(self, language: str | None) -> int | None:
+        """The prompt index for a user-given language (None for a model without a prompt)."""
+        return resolve_language(language, self.config.prompt)
+
+    def transcribe(
+        self, audio: AudioInput, language: str | None = None, chunk_ms: int | None = None
+    ) -> Transcript:
+        """Recognize one recording.
+
+        Args:
+            audio: a file path, or float32 mono samples at 16 kHz.
+            language: a locale from the model's prompt dictionary, "auto", or None
+                (auto where the model has it). Must be None or "auto" for models
+                without a language prompt.
+            chunk_ms: None for the model's default attention context, else the
+                latency (80, 160, 320, 560 or 1120 ms) whose context to use; the
+                result equals a stream with that chunk size.
+        """
+        prompt = self.prompt_index(language)
+        context = self.config.context_for_chunk_ms(chunk_ms)
+        if isinstance(audio, str | os.PathLike):
+            samples = load_audio(audio, self.config.mel.sample_rate)
+        else:
+            samples = as_audio(audio)
+        return self._transcribe_samples(torch.from_numpy(samples), prompt, context)
+
+    @torch.inference_mode()
+    def _transcribe_samples(
+        self, samples: torch.Tensor, prompt: int | None, context: tuple[int, int]
+    ) -> Transcript:
+        net = self.net
+        audio = samples.to(self.device)[None]  # (1, N)
+        mel, mel_len = net.preprocessor(audio, torch.tensor([audio.shape[1]], device=self.device))
+        if int(mel_len[0]) == 0:  # shorter than one hop: nothing to encode
+            return self.make_transcript([], [], [], prompt)
+        encoded, encoded_len = net.encoder(mel, mel_len, context)
+        prompts = None if prompt is None else torch.tensor([prompt], device=self.device)
+        encoded = net.apply_prompt(encoded, prompts)
+        hyps, _ = greedy_decode(net, encoded, encoded_len, initial_decoder_state(net, 1))
+        return self.make_transcript(hyps[0].token_ids, hyps[0].frames, hyps[0].scores, prompt)
+
+    def stream(self, language: str | None = None, chunk_ms: int | None = 320) -> Stream:
+        """Start a live stream at the latency `chunk_ms` (None: the model's default)."""
+        return Stream(self, self.prompt_index(language), self.config.context_for_chunk_ms(chunk_ms))
+
+    def make_transcript(
+        self,
+        token_ids: list[int],
+        frames: list[int],
+        logprobs: list[float],
+        prompt: int | None,
+    ) -> Transcript:
+        text, tags = self.tokenizer.split_language_tags(self.tokenizer.decode(token_ids))
+        language = None
+        if prompt is not None:
+            language = canonical_locale(prompt, self.config.prompt)
+            if language is None and tags:  # auto mode: what the model said
+                language = tags[-1]
+        return Transcript(text, list(token_ids), language, list(frames), list(logprobs))
+
+
+PRESET_PREFIX = "preset:"
+
+
+def load(path: str | os.PathLike, device: torch.device | str = "cpu") -> Model:
+    """Load a `.nemo` file, a Hugging Face directory or a caster directory.
+
+    `preset:<name>` builds a released model's architecture with random weights
+    (see `caster.presets`), for tests and benchmarks without a download.
+    """
+    if isinstance(path, str) and path.startswith(PRESET_PREFIX):
+        from caster.presets import random_checkpoint
+
+        return Model(random_checkpoint(path[len(PRESET_PREFIX) :]), device)
+    return Model(load_checkpoint(path), device)
