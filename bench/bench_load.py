@@ -86,10 +86,10 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        lines.append(
-            f"| {name} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} | "
-            f"{base['seconds'] / r['seconds']:.1f}x | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} |"
-        )
+        speedup = base["seconds"] / r["seconds"]
+        memory = r["peak_rss_mb"] / base["peak_rss_mb"]
+        cells = [name, f"{r['seconds']:.2f}", f"{r['peak_rss_mb']:.0f}"]
+        lines.append("| " + " | ".join([*cells, f"{speedup:.1f}x", f"{memory:.2f}"]) + " |")
     report = "\n".join(lines) + "\n"
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
