@@ -5,9 +5,11 @@ that lies about its length can never make us allocate memory up front; decoded a
 at ``max_duration_s``. Every failure is an :class:`AudioError` naming the source.
 
 Decoding tries libsndfile (``soundfile``: exact for PCM, fast) and falls back to FFmpeg (PyAV)
-for what libsndfile cannot open (m4a/aac, webm, video containers, ...). MP3 always goes to PyAV:
-libsndfile 1.2.2 takes an MP3's length from its bitrate when the file has no Xing/Info header
-and silently stops reading there (measured: 1.7 s kept of a 6 s VBR file).
+for what libsndfile cannot open (m4a/aac, webm, video containers, ...). Two formats that
+libsndfile 1.2.2 opens still go to PyAV, for what it gets wrong (measured):
+- MP3: without a Xing/Info header it takes the length from the bitrate and silently stops
+  there (1.7 s kept of a 6 s VBR file).
+- Ogg Opus: it ignores the pre-skip of FFmpeg-written files (audio late by 312 samples).
 """
 
 from __future__ import annotations
@@ -87,11 +89,13 @@ def as_audio(
 ) -> np.ndarray:
     """Validate in-memory samples and convert them to mono float32 at ``target_rate``.
 
-    Shape rule: (N,) is mono. A 2-D array's shorter axis is the channel axis, so both
-    soundfile's (N, C) and torchaudio's (C, N) work; it must hold at most ``MAX_CHANNELS``
-    and a square array is rejected as ambiguous. Floats are taken as they are; int16, int32
-    and uint8 are PCM and scaled to [-1, 1]; other dtypes (int64 from a list of ints, bool,
-    complex) are rejected. The result may share memory with ``samples`` when nothing changes.
+    Shape rule: (N,) is mono. In a 2-D array exactly one axis may have at most
+    ``MAX_CHANNELS`` (64) entries, and that axis holds the channels, so both soundfile's (N, C)
+    and torchaudio's (C, N) work; a shape like (3, 10) or (2, 2) is refused as ambiguous
+    rather than guessed (stream chunks this short should be 1-D). Floats are taken as they
+    are; int16, int32 and uint8 are PCM and scaled to [-1, 1]; other dtypes (int64 from a list
+    of ints, bool, complex) are rejected. The result may share memory with ``samples`` when
+    nothing changes.
 
     Args:
         samples: (N,), (N, C) or (C, N) samples.
@@ -114,11 +118,13 @@ def as_audio(
     if array.size == 0:
         raise AudioError("samples: audio is empty (0 samples)")
     if array.ndim == 2:
-        channel_axis = int(np.argmin(array.shape))
-        if array.shape[0] == array.shape[1]:
-            raise AudioError(f"samples: shape {array.shape} is ambiguous, (N, C) or (C, N)?")
-        _check_channels(array.shape[channel_axis], "samples")
-        array = _to_mono(array, channel_axis)
+        channel_axes = [axis for axis, size in enumerate(array.shape) if size <= MAX_CHANNELS]
+        if len(channel_axes) != 1:
+            raise AudioError(
+                f"samples: shape {array.shape} is ambiguous, expected (N, C) or (C, N) with "
+                f"1 <= C <= {MAX_CHANNELS} < N"
+            )
+        array = _to_mono(array, channel_axes[0])
     elif array.ndim != 1:
         raise AudioError(f"samples: expected shape (N,), (N, C) or (C, N), got {array.shape}")
     return _finish(array, rate, target_rate, "samples")
@@ -179,7 +185,7 @@ def _decode_soundfile(
         return None
     with sound:
         # Zero frames: also a streamed WAV whose header says 0 bytes, which FFmpeg reads fully.
-        if sound.format == "MP3" or sound.frames == 0:
+        if sound.format == "MP3" or sound.subtype == "OPUS" or sound.frames == 0:
             return None
         rate = _check_rate(sound.samplerate, f"{name}: sample rate")
         _check_channels(sound.channels, name)

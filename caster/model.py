@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from caster.streaming import Stream
 from caster.tokenizer import Tokenizer
 from caster.transducer import Transducer
 
-AudioInput = str | os.PathLike | np.ndarray
+AudioInput = str | os.PathLike | bytes | BinaryIO | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ class Model:
         """Recognize one recording.
 
         Args:
-            audio: a file path, or float32 mono samples at 16 kHz.
+            audio: a file path, the file's bytes or a binary file object, or float32
+                mono samples at 16 kHz.
             language: a locale from the model's prompt dictionary, "auto", or None
                 (auto where the model has it). Must be None or "auto" for models
                 without a language prompt.
@@ -108,7 +110,7 @@ class Model:
         """
         prompt = self.prompt_index(language)
         context = self.config.context_for_chunk_ms(chunk_ms)
-        if isinstance(audio, str | os.PathLike):
+        if isinstance(audio, str | os.PathLike | bytes | bytearray) or hasattr(audio, "read"):
             samples = load_audio(audio, self.config.mel.sample_rate)
         else:
             samples = as_audio(audio)
