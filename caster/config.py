@@ -114,12 +114,20 @@ class ModelConfig:
     def default_context(self) -> tuple[int, int]:
         return self.encoder.att_context_size[0]
 
+    @property
+    def encoder_frame_ms(self) -> int:
+        """Duration of one encoder frame: `subsampling_factor` mel hops (80 ms in the family)."""
+        return round(
+            self.encoder.subsampling_factor * self.mel.hop_length * 1000 / self.mel.sample_rate
+        )
+
     def context_for_chunk_ms(self, chunk_ms: int | None) -> tuple[int, int]:
         """The (left, right) attention context that gives `chunk_ms` latency.
 
         None means the model's default context (the first of its list). A chunk
-        is R+1 encoder frames of 80 ms; chunked-limited attention needs the left
-        context to be a whole number of chunks.
+        is R+1 encoder frames; a trained context with that chunk is used as it
+        is (its left context may differ from the default's), any other chunk
+        gets the default left context, which must be a whole number of chunks.
         """
         if chunk_ms is None:
             return self.default_context
@@ -130,13 +138,19 @@ class ModelConfig:
                 f"{self.default_context[0]} frames); supported chunk sizes: "
                 + ", ".join(f"{ms} ms" for ms in supported)
             )
-        return self.default_context[0], chunk_ms // ENCODER_FRAME_MS - 1
+        right = chunk_ms // self.encoder_frame_ms - 1
+        for context in self.encoder.att_context_size:
+            if context[1] == right:
+                return context
+        return self.default_context[0], right
 
     def supported_chunk_ms(self) -> list[int]:
-        left = self.default_context[0]
-        trained = {(r + 1) * ENCODER_FRAME_MS for _, r in self.encoder.att_context_size}
-        candidates = sorted(set(STANDARD_CHUNK_MS) | trained)
-        return [ms for ms in candidates if left % (ms // ENCODER_FRAME_MS) == 0]
+        frame, left = self.encoder_frame_ms, self.default_context[0]
+        trained = {(r + 1) * frame for _, r in self.encoder.att_context_size}
+        standard = {
+            ms for ms in STANDARD_CHUNK_MS if ms % frame == 0 and left % (ms // frame) == 0
+        }
+        return sorted(trained | standard)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -247,6 +261,10 @@ def _from_nemo(cfg: dict[str, Any]) -> ModelConfig:
         dropout_att=float(enc.get("dropout_att", 0.1)),
     )
     _require(encoder.feat_in == mel.n_mels, "encoder feat_in != mel features")
+    _require(
+        min(d_model, encoder.n_heads, encoder.n_layers, encoder.subsampling_conv_channels) > 0,
+        "non-positive encoder sizes",
+    )
     _require(d_model % encoder.n_heads == 0, "d_model not divisible by n_heads")
 
     prednet = dec["prednet"]
