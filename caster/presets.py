@@ -8,13 +8,12 @@ of every computation is the real one.
 
 from __future__ import annotations
 
-import struct
-
 import torch
 
 from caster.checkpoint import Checkpoint
 from caster.config import DecoderConfig, EncoderConfig, ModelConfig
 from caster.languages import NEMOTRON_3_5_LOCALES, NEMOTRON_3_5_PROMPT
+from caster.sentencepiece_proto import NORMAL, UNIGRAM, UNKNOWN, USER_DEFINED, model_proto
 
 # nvidia/nemotron-3.5-asr-streaming-0.6b (architecture.md §2.1, §5.2): 637,997,088 weights.
 NEMOTRON_3_5 = ModelConfig(
@@ -58,37 +57,11 @@ def random_checkpoint(name: str, seed: int = 0) -> Checkpoint:
 def synthetic_tokenizer(vocab_size: int, tags: list[str]) -> bytes:
     """A serialized SentencePiece unigram model with `vocab_size` placeholder pieces.
 
-    Written as protobuf by hand (ModelProto: pieces = 1, trainer_spec = 2,
-    normalizer_spec = 3) to avoid a protobuf dependency for a test artefact.
+    `<unk>`, then the tags as USER_DEFINED pieces, then NORMAL pieces `▁w1`,
+    `▁w2`, ... scored -1, -2, ...; SentencePiece's default normalizer settings.
     """
     words = [f"▁w{i}" for i in range(1, vocab_size - len(tags))]
-    pieces = [("<unk>", 0.0, 2)] + [(t, 0.0, 4) for t in tags]  # 2 UNKNOWN, 4 USER_DEFINED
-    pieces += [(w, -float(i), 1) for i, w in enumerate(words, 1)]  # 1 NORMAL
-    proto = b"".join(_field(1, _piece(*p)) for p in pieces)
-    proto += _field(2, _varint(3 << 3) + _varint(1))  # trainer_spec.model_type = UNIGRAM
-    proto += _field(3, _field(1, b"identity") + _varint(3 << 3) + _varint(1))  # add_dummy_prefix
-    return proto
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _piece(text: str, score: float, kind: int) -> bytes:
-    return (
-        _field(1, text.encode())
-        + _varint(2 << 3 | 5)
-        + struct.pack("<f", score)
-        + _varint(3 << 3)
-        + _varint(kind)
-    )
+    pieces = ["<unk>", *tags, *words]
+    scores = [0.0] * (1 + len(tags)) + [-float(i) for i in range(1, len(words) + 1)]
+    types = [UNKNOWN] + [USER_DEFINED] * len(tags) + [NORMAL] * len(words)
+    return model_proto(pieces, scores, types, model_type=UNIGRAM)
