@@ -1,0 +1,649 @@
+"""Many streams, one model: continuous batching of cache-aware streaming recognition.
+
+An `Engine` holds one loaded model and any number of streams that join and
+leave at any time. Each `step` takes every stream that has a whole chunk of
+mel frames (or its final partial chunk), runs one batched encoder step and one
+batched greedy decoding step per attention context (`step_streams`), and hands
+each stream its own states back. A stream's tokens are exactly those it gets
+when it runs alone: batched rows never mix, and ragged chunks are masked.
+
+Streams with different chunk sizes have different attention contexts: their
+chunk lengths and attention masks differ, so they are stepped in one batch per
+context. One padded batch for all contexts (per-row masks) would rarely pay:
+short-chunk streams are ready several times per long chunk, and measured on the
+tiny model (CPU), a padded 80+1120 ms batch of 8+8 streams cost 1.5-2x the two
+separate batches; only batches of about 2+2 streams, where per-call overhead
+dominates, came out slightly faster.
+
+Threads: any thread may open, feed, end, save or close streams; the batched
+compute runs in one place at a time, either in the caller of `step` or in the
+background worker that `start` launches. Per-stream state lives in the engine's
+stream records, never on the model. Results arrive as `Segment` events, read
+with `events`, by iterating a `StreamHandle`, or with `async for`. A stream's
+state and its saved bytes (`save`/`restore`) are defined in `caster.stream_state`.
+
+Lock order (never taken the other way round): a stream's feed lock, then the
+compute lock, then the registry lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from caster.audio import as_audio
+from caster.decoding import DecoderState, Hypothesis, initial_decoder_state
+from caster.encoder import EncoderCache
+from caster.endpoint import EndpointConfig, EndpointError, segment_cuts, trailing_silence_ends
+from caster.languages import canonical_locale
+from caster.mel import MelState, mel_flush, mel_step
+from caster.model import Model
+from caster.results import Lexicon, Segment, StreamResult
+from caster.state import select_state, stack_states
+from caster.stream_state import (
+    StreamState,
+    StreamStateError,
+    deserialize_stream,
+    model_fingerprint,
+    serialize_stream,
+)
+from caster.streaming import step_streams
+from caster.vad import VAD_SAMPLE_RATE, SileroVad, VadState, vad_step
+
+# StreamStateError is raised by `Engine.restore`, so callers catch it from here too.
+__all__ = ["Engine", "EngineError", "StreamHandle", "StreamStateError", "UnknownStreamError"]
+
+
+class EngineError(RuntimeError):
+    """The engine cannot do what was asked (stream ended, worker failed, ...)."""
+
+
+class UnknownStreamError(LookupError):
+    """No open stream has this id (never opened, or closed)."""
+
+
+@dataclass(eq=False)
+class _Record(StreamState):
+    """One stream: its state, and the engine's bookkeeping of it. Guarded by the
+    engine's registry lock, except `mel_state`/`vad_state`, which only holders
+    of `feed_lock` replace."""
+
+    id: int = -1
+    finals: list[Segment] = field(default_factory=list)
+    events: deque[Segment] = field(default_factory=deque)
+    waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = field(default_factory=list)
+    in_flight: bool = False  # its chunk is being computed
+    ending: bool = False  # no more audio will come
+    done: bool = False  # every frame decoded, last segment final
+    closed: bool = False
+    feed_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def resume(cls, state: StreamState) -> _Record:
+        """A record that continues a restored stream's state."""
+        return cls(**{f.name: getattr(state, f.name) for f in fields(StreamState)})
+
+
+class StreamHandle:
+    """A stream of an `Engine`: the engine's per-stream methods, bound.
+
+    Iterating it (`for event in handle`, or `async for` under asyncio) yields
+    its `Segment` events until the stream is done; both need the engine's
+    background worker (`Engine.start`).
+    """
+
+    def __init__(self, engine: Engine, stream_id: int) -> None:
+        self.engine = engine
+        self.id = stream_id
+
+    def __repr__(self) -> str:
+        return f"StreamHandle(id={self.id})"
+
+    def feed(self, samples: np.ndarray | Sequence[float] | Tensor) -> None:
+        self.engine.feed(self.id, samples)
+
+    def end(self) -> None:
+        self.engine.end(self.id)
+
+    def finish(self, timeout: float | None = None) -> StreamResult:
+        return self.engine.finish(self.id, timeout)
+
+    def events(self) -> list[Segment]:
+        return self.engine.events(self.id)
+
+    def save(self) -> bytes:
+        return self.engine.save(self.id)
+
+    def close(self) -> None:
+        self.engine.close(self.id)
+
+    def __iter__(self) -> Iterator[Segment]:
+        return self.engine._iterate(self.id)
+
+    def __aiter__(self) -> AsyncIterator[Segment]:
+        return _AsyncEvents(self.engine, self.engine._record(self.id))
+
+
+class Engine:
+    """Serve many streams with one model.
+
+    Args:
+        model: the loaded model (shared, never modified).
+        max_batch: most streams in one batched step; more ready streams are
+            split into several batches of the same step.
+
+    Synchronous use: `open`, `feed`, call `step()` (or let `finish` step), and
+    `finish`. Threaded or asyncio use: `start()` a background worker (or use
+    the engine as a context manager), then feed from anywhere.
+    """
+
+    def __init__(self, model: Model, max_batch: int = 32) -> None:
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
+        self.model = model
+        self.max_batch = max_batch
+        self._lexicon = Lexicon(model.tokenizer)
+        self._fingerprint = model_fingerprint(model)
+        self._dtype = model.net.encoder.pre_encode.out.weight.dtype
+        self._initial_decoder = initial_decoder_state(model.net, 1)
+        self._vad: SileroVad | None = None
+        self._ids = itertools.count()
+        self._streams: dict[int, _Record] = {}
+        self._lock = threading.Lock()  # the registry and every record
+        self._changed = threading.Condition(self._lock)
+        self._compute = threading.Lock()  # one batched step at a time
+        self._worker: threading.Thread | None = None
+        self._stopping = False
+        self._error: BaseException | None = None
+
+    # ----------------------------------------------------------------- streams
+
+    def open(
+        self,
+        language: str | None = None,
+        chunk_ms: int | None = None,
+        endpointing: EndpointConfig | None = None,
+    ) -> StreamHandle:
+        """Start a stream.
+
+        Args:
+            language: as for `Model.transcribe` (a locale, "auto", or None).
+            chunk_ms: the latency whose attention context to use; None for the
+                model's default context.
+            endpointing: when segments become final (default `EndpointConfig()`).
+        """
+        prompt = self.model.prompt_index(language)
+        context = self.model.config.context_for_chunk_ms(chunk_ms)
+        endpointing = EndpointConfig() if endpointing is None else endpointing
+        if not isinstance(endpointing, EndpointConfig):
+            raise TypeError(f"endpointing must be an EndpointConfig, not {type(endpointing)}")
+        if endpointing.vad and self.model.config.mel.sample_rate != VAD_SAMPLE_RATE:
+            raise EndpointError(
+                f"the VAD needs {VAD_SAMPLE_RATE} Hz audio, the model takes "
+                f"{self.model.config.mel.sample_rate} Hz"
+            )
+        record = _Record(
+            language=language,
+            prompt=prompt,
+            context=context,
+            endpointing=endpointing,
+            mel_state=MelState.initial(self.model.config.mel, self.model.device),
+            pending=torch.zeros(self.model.config.mel.n_mels, 0, device=self.model.device),
+            encoder_cache=self.model.net.encoder.initial_cache(
+                1, context, self.model.device, self._dtype
+            ),
+            decoder_state=self._initial_decoder,
+            vad_state=VadState.initial() if endpointing.vad else None,
+        )
+        return self._register(record)
+
+    def feed(
+        self, stream: StreamHandle | int, samples: np.ndarray | Sequence[float] | Tensor
+    ) -> None:
+        """Add 16 kHz mono audio of any length to a stream (computes its mel frames here)."""
+        record = self._record(stream)
+        if len(samples) == 0:
+            return
+        audio = torch.from_numpy(as_audio(samples))
+        with record.feed_lock:
+            with self._lock:
+                self._check_can_feed(record)
+            with torch.inference_mode():
+                featurizer = self.model.net.preprocessor.featurizer
+                device_audio = audio.to(self.model.device)
+                frames, mel_state = mel_step(featurizer, device_audio, record.mel_state)
+                vad_state = record.vad_state
+                if vad_state is not None:
+                    vad = self._silero()
+                    vad_state = vad_step(vad, audio, vad_state, record.endpointing.vad_threshold)
+            with self._lock:
+                self._check_can_feed(record)
+                record.mel_state, record.vad_state = mel_state, vad_state
+                record.pending = torch.cat([record.pending, frames], dim=1)
+                if self._ready(record):
+                    self._changed.notify_all()
+
+    def end(self, stream: StreamHandle | int) -> None:
+        """Declare that no more audio comes; the rest is decoded by the next steps."""
+        record = self._record(stream)
+        with record.feed_lock:
+            with self._lock:
+                self._raise_if_failed()
+                if record.ending or record.closed:
+                    return
+            with torch.inference_mode():
+                last = mel_flush(self.model.net.preprocessor.featurizer, record.mel_state)
+            with self._lock:
+                record.pending = torch.cat([record.pending, last], dim=1)
+                record.ending = True
+                if record.pending.shape[1] == 0 and not record.in_flight:
+                    self._complete(record)
+                self._changed.notify_all()
+
+    def finish(self, stream: StreamHandle | int, timeout: float | None = None) -> StreamResult:
+        """End a stream, wait until it is decoded, close it and return its result.
+
+        Without a running worker the calling thread does the steps (stepping
+        every other ready stream too).
+
+        Raises:
+            TimeoutError: the worker did not finish the stream within `timeout` s.
+        """
+        record = self._record(stream)
+        self.end(record.id)
+        with self._lock:
+            if self._worker is not None and not self._changed.wait_for(
+                lambda: (
+                    record.done or record.closed or self._error is not None or self._worker is None
+                ),
+                timeout,
+            ):
+                raise TimeoutError(f"stream {record.id} was not finished in {timeout} s")
+        while not (record.done or record.closed):  # no worker (any more): step here
+            self.step()
+        if record.closed and not record.done:
+            raise EngineError(f"stream {record.id} was closed before it finished")
+        result = StreamResult(
+            self.model.make_transcript(
+                record.token_ids, record.frames, record.scores, record.prompt
+            ),
+            tuple(record.finals),
+        )
+        self.close(record.id)
+        return result
+
+    def close(self, stream: StreamHandle | int) -> None:
+        """Drop a stream at once, finished or not (unknown ids are ignored)."""
+        stream_id = stream.id if isinstance(stream, StreamHandle) else stream
+        with self._lock:
+            record = self._streams.pop(stream_id, None)
+            if record is not None:
+                record.closed = True
+                self._wake(record)
+
+    def events(self, stream: StreamHandle | int) -> list[Segment]:
+        """Take the stream's events so far (never blocks).
+
+        Interim segments are coalesced: of consecutive interim events of one
+        segment only the newest is kept.
+        """
+        record = self._record(stream)
+        with self._lock:
+            taken = list(record.events)
+            record.events.clear()
+            return taken
+
+    @property
+    def streams(self) -> list[int]:
+        """Ids of the open streams."""
+        with self._lock:
+            return list(self._streams)
+
+    # ----------------------------------------------------------------- compute
+
+    def step(self) -> int:
+        """Advance every stream that has a whole chunk (or its final remainder) by one chunk.
+
+        Ready streams are grouped by attention context and batched up to
+        `max_batch`; each batch is one encoder step and one greedy decoding step.
+
+        Returns:
+            the number of streams advanced.
+        """
+        with self._compute:
+            with self._lock:
+                self._raise_if_failed()
+                batches = self._take_chunks()
+            try:
+                computed = [self._compute_batch(*batch) for batch in batches]
+            except BaseException as e:
+                # The batch's chunks are consumed and its states not updated: those
+                # streams cannot go on, so the engine stops serving (its error is
+                # raised to every caller from now on).
+                with self._lock:
+                    self._error = e
+                    for record in self._streams.values():
+                        self._wake(record)
+                raise
+            with self._lock:
+                for (_, records, _), outcome in zip(batches, computed, strict=True):
+                    for record, result in zip(records, outcome, strict=True):
+                        self._scatter(record, *result)
+                self._changed.notify_all()
+        return sum(len(records) for _, records, _ in batches)
+
+    def start(self) -> Engine:
+        """Run a background worker that steps whenever any stream has a chunk ready."""
+        with self._lock:
+            if self._worker is not None:
+                return self
+            self._stopping = False
+            self._worker = threading.Thread(target=self._work, name="caster-engine", daemon=True)
+            self._worker.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the background worker (after its current step); streams stay open."""
+        with self._lock:
+            worker, self._stopping = self._worker, True
+            self._changed.notify_all()
+        if worker is not None:
+            worker.join()
+        with self._lock:
+            self._worker = None
+            for record in self._streams.values():  # waiting iterators must notice
+                self._wake(record)
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------ save/restore
+
+    def save(self, stream: StreamHandle | int) -> bytes:
+        """The stream's whole state as bytes (safetensors with a JSON header).
+
+        Events not yet taken are not part of the state. Saving does not change
+        the stream; `restore` in any process with the same model continues it
+        with identical results.
+        """
+        record = self._record(stream)
+        with record.feed_lock, self._compute, self._lock:
+            self._raise_if_failed()
+            if record.ending or record.closed:
+                raise EngineError(f"stream {record.id} has ended: only live streams can be saved")
+            return serialize_stream(record, self._fingerprint)
+
+    def restore(self, data: bytes) -> StreamHandle:
+        """Open a stream from `save`'s bytes; it continues exactly where the saved one was.
+
+        Raises:
+            StreamStateError: the bytes are not a stream state, or one for another model.
+        """
+        record = _Record.resume(deserialize_stream(data, self.model, self._fingerprint))
+        if record.vad_state is not None:
+            self._silero()
+        # Final segments are saved as token spans; their `Segment`s are rebuilt here.
+        for (start, end), language in zip(record.final_spans, record.final_languages, strict=True):
+            segment = self._segment(record, start, end, is_final=True)
+            record.finals.append(replace(segment, language=language))
+        return self._register(record)
+
+    # ------------------------------------------------------------------ inside
+
+    def _register(self, record: _Record) -> StreamHandle:
+        with self._lock:
+            self._raise_if_failed()
+            record.id = next(self._ids)
+            self._streams[record.id] = record
+            self._changed.notify_all()
+        return StreamHandle(self, record.id)
+
+    def _record(self, stream: StreamHandle | int) -> _Record:
+        stream_id = stream.id if isinstance(stream, StreamHandle) else stream
+        with self._lock:
+            record = self._streams.get(stream_id)
+        if record is None:
+            raise UnknownStreamError(f"no open stream with id {stream_id!r}")
+        return record
+
+    def _silero(self) -> SileroVad:
+        with self._lock:
+            if self._vad is None:
+                self._vad = SileroVad.from_package()
+            return self._vad
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise EngineError("the engine's worker failed; open new streams") from self._error
+
+    def _check_can_feed(self, record: _Record) -> None:
+        self._raise_if_failed()
+        if record.closed:
+            raise UnknownStreamError(f"stream {record.id} is closed")
+        if record.ending:
+            raise EngineError(f"stream {record.id} has ended: no more audio can be fed")
+
+    def _need(self, record: _Record) -> int:
+        return self.model.net.encoder.chunk_frames(record.context, record.first_chunk)
+
+    def _ready(self, record: _Record) -> bool:
+        if record.done or record.in_flight:
+            return False
+        have = record.pending.shape[1]
+        return have >= self._need(record) or (record.ending and have > 0)
+
+    def _take_chunks(self) -> list[tuple[tuple[int, int], list[_Record], list[Tensor]]]:
+        """Cut the next chunk off every ready stream, grouped by context, in batches."""
+        groups: dict[tuple[int, int], list[_Record]] = defaultdict(list)
+        for record in self._streams.values():
+            if self._ready(record):
+                groups[record.context].append(record)
+        batches = []
+        for context, records in groups.items():
+            for i in range(0, len(records), self.max_batch):
+                batch = records[i : i + self.max_batch]
+                chunks = []
+                for record in batch:
+                    need = self._need(record)
+                    chunks.append(record.pending[:, :need])
+                    record.pending = record.pending[:, need:]
+                    record.in_flight = True
+                batches.append((context, batch, chunks))
+        return batches
+
+    def _compute_batch(
+        self, context: tuple[int, int], records: list[_Record], chunks: list[Tensor]
+    ) -> list[tuple[Hypothesis, EncoderCache, DecoderState, int]]:
+        """One batched step of streams sharing a context; per stream (hyp, caches, frames)."""
+        device = self.model.device
+        lengths = torch.tensor([c.shape[1] for c in chunks], device=device)
+        batch = chunks[0].new_zeros(
+            len(chunks), chunks[0].shape[0], max(c.shape[1] for c in chunks)
+        )
+        for b, chunk in enumerate(chunks):
+            batch[b, :, : chunk.shape[1]] = chunk  # (B, F, T), zero padded
+        prompts = None
+        if records[0].prompt is not None:
+            prompts = torch.tensor([r.prompt for r in records], device=device)
+        hyps, encoder_cache, decoder_state = step_streams(
+            self.model.net,
+            batch,
+            lengths,
+            prompts,
+            stack_states([r.encoder_cache for r in records]),
+            stack_states([r.decoder_state for r in records]),
+            context,
+        )
+        decoded = decoder_state.frames.tolist()
+        # Index copies, not views: a view would keep the whole batch's tensors alive.
+        return [
+            (hyp, select_state(encoder_cache, [b]), select_state(decoder_state, [b]), decoded[b])
+            for b, hyp in enumerate(hyps)
+        ]
+
+    def _scatter(
+        self,
+        record: _Record,
+        hyp: Hypothesis,
+        encoder_cache: EncoderCache,
+        decoder_state: DecoderState,
+        decoded: int,
+    ) -> None:
+        record.in_flight = False
+        if record.closed:
+            return
+        record.encoder_cache, record.decoder_state = encoder_cache, decoder_state
+        record.first_chunk = False
+        record.decoded_frames = decoded
+        first_new = len(record.token_ids)
+        record.token_ids += hyp.token_ids
+        record.frames += hyp.frames
+        record.scores += hyp.scores
+        self._endpoint(record, first_new)
+        if record.ending and record.pending.shape[1] == 0:
+            self._complete(record)
+
+    def _endpoint(self, record: _Record, first_new: int) -> None:
+        """Cut final segments out of the new tokens, then report the open one."""
+        tokens = record.token_ids
+        cuts = segment_cuts(
+            record.endpointing,
+            tokens,
+            record.frames,
+            self._lexicon.starts_word,
+            record.open_start,
+            first_new,
+        )
+        for cut in cuts:
+            self._finalize(record, cut)
+        if record.open_start < len(tokens) and trailing_silence_ends(
+            record.endpointing, record.frames[-1], record.decoded_frames, record.vad_state
+        ):
+            self._finalize(record, len(tokens))
+        if record.open_start < len(tokens) and len(tokens) > first_new:
+            self._push(record, self._segment(record, record.open_start, len(tokens), False))
+
+    def _finalize(self, record: _Record, end: int) -> None:
+        """Make tokens [open_start, end) a final segment."""
+        segment = self._segment(record, record.open_start, end, is_final=True)
+        record.finals.append(segment)
+        record.final_spans.append((record.open_start, end))
+        record.final_languages.append(segment.language)
+        record.open_start = end
+        if record.prompt is not None and segment.language is not None:
+            record.language_seen = segment.language
+        self._push(record, segment)
+
+    def _segment(self, record: _Record, start: int, end: int, is_final: bool) -> Segment:
+        ids = record.token_ids[start:end]
+        language = None
+        if record.prompt is not None:
+            language = canonical_locale(record.prompt, self.model.config.prompt)
+            if language is None:  # auto: the model's own tags, else the last one it used
+                language = self._lexicon.last_language(ids) or record.language_seen
+        return self._lexicon.segment(
+            index=len(record.finals),
+            token_ids=ids,
+            frames=record.frames[start:end],
+            scores=record.scores[start:end],
+            language=language,
+            is_final=is_final,
+            duration=record.mel_state.samples_seen / self.model.config.mel.sample_rate,
+        )
+
+    def _complete(self, record: _Record) -> None:
+        if record.open_start < len(record.token_ids):
+            self._finalize(record, len(record.token_ids))
+        record.done = True
+        self._wake(record)
+
+    def _push(self, record: _Record, segment: Segment) -> None:
+        events = record.events
+        if events and not events[-1].is_final and events[-1].index == segment.index:
+            events.pop()  # a newer hypothesis of the same open segment replaces it
+        events.append(segment)
+        self._wake(record)
+
+    def _wake(self, record: _Record) -> None:
+        for loop, future in record.waiters:
+            loop.call_soon_threadsafe(_resolve, future)
+        record.waiters.clear()
+        self._changed.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._changed.wait_for(
+                    lambda: self._stopping or any(map(self._ready, self._streams.values()))
+                )
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except BaseException:  # step() kept it for every caller to see
+                return
+
+    def _iterate(self, stream: StreamHandle | int) -> Iterator[Segment]:
+        record = self._record(stream)
+        while True:
+            with self._lock:
+                self._changed.wait_for(
+                    lambda: (
+                        record.events
+                        or record.done
+                        or record.closed
+                        or self._error is not None
+                        or self._worker is None
+                    )
+                )
+                if record.events:
+                    event = record.events.popleft()
+                elif record.done or record.closed:
+                    return
+                else:
+                    self._raise_if_failed()
+                    raise EngineError("iterating a stream's events needs the worker: start()")
+            yield event
+
+
+class _AsyncEvents:
+    """`async for event in handle`: waits on the event loop, never blocks it."""
+
+    def __init__(self, engine: Engine, record: _Record) -> None:
+        self._engine = engine
+        self._record = record
+
+    def __aiter__(self) -> _AsyncEvents:
+        return self
+
+    async def __anext__(self) -> Segment:
+        engine, record = self._engine, self._record
+        loop = asyncio.get_running_loop()
+        while True:
+            with engine._lock:
+                if record.events:
+                    return record.events.popleft()
+                if record.done or record.closed:
+                    raise StopAsyncIteration
+                engine._raise_if_failed()
+                if engine._worker is None:
+                    raise EngineError("iterating a stream's events needs the worker: start()")
+                future = loop.create_future()
+                record.waiters.append((loop, future))
+            await future
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
