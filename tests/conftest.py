@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 NEMO_FIXTURES = ROOT.parent / "shared" / "fixtures" / "nemo"
@@ -33,6 +34,15 @@ def require_fixture(path: Path) -> Path:
 
 def nemo_path(model: str) -> Path:
     return require_fixture(NEMO_FIXTURES / f"{model}.nemo")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The fixture models are tiny: one thread runs them fastest, several only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @functools.cache

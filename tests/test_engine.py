@@ -36,15 +36,6 @@ LANGUAGES = {EN_MODEL: [None], PROMPT_MODEL: ["en-US", "de-DE", "fr-FR", "auto"]
 SPLIT = EndpointConfig(silence_ms=160, max_segment_ms=800)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # The tiny models are fastest on one thread; several fight over a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=[EN_MODEL, PROMPT_MODEL])
 def model(request) -> caster.Model:
     m = caster.load(nemo_path(request.param))

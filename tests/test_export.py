@@ -19,15 +19,6 @@ from caster.train.export import NEMO_PROMPT_TARGET, NEMO_TARGET, export_nemo
 from caster.transducer import Transducer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread than on contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def archive_members(path) -> dict[str, bytes]:
     with tarfile.open(path, "r:") as tar:
         return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}

@@ -52,15 +52,6 @@ UTTERANCES = [
 CHUNK_MS = (80, 160, 320)  # the contexts (16, 0), (16, 1), (16, 3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train several times faster on one thread than on contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def render(text: str) -> np.ndarray:
     """70 ms two-tone burst per letter, 70 ms silence per space, 50 ms silence around."""
     pieces = [np.zeros(800)]
