@@ -147,9 +147,7 @@ class ModelConfig:
     def supported_chunk_ms(self) -> list[int]:
         frame, left = self.encoder_frame_ms, self.default_context[0]
         trained = {(r + 1) * frame for _, r in self.encoder.att_context_size}
-        standard = {
-            ms for ms in STANDARD_CHUNK_MS if ms % frame == 0 and left % (ms // frame) == 0
-        }
+        standard = {ms for ms in STANDARD_CHUNK_MS if ms % frame == 0 and left % (ms // frame) == 0}
         return sorted(trained | standard)
 
     def to_dict(self) -> dict[str, Any]:
