@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -94,13 +95,17 @@ class Model:
         return resolve_language(language, self.config.prompt)
 
     def transcribe(
-        self, audio: AudioInput, language: str | None = None, chunk_ms: int | None = None
-    ) -> Transcript:
-        """Recognize one recording.
+        self,
+        audio: AudioInput | Sequence[AudioInput],
+        language: str | None = None,
+        chunk_ms: int | None = None,
+    ) -> Transcript | list[Transcript]:
+        """Recognize one recording, or a list of them (batched by length).
 
         Args:
             audio: a file path, the file's bytes or a binary file object, or float32
-                mono samples at 16 kHz.
+                mono samples at 16 kHz; or a list or tuple of these, which gives a list
+                (see `caster.transcribe.transcribe_many` for files at scale).
             language: a locale from the model's prompt dictionary, "auto", or None
                 (auto where the model has it). Must be None or "auto" for models
                 without a language prompt.
@@ -108,6 +113,11 @@ class Model:
                 latency (80, 160, 320, 560 or 1120 ms) whose context to use; the
                 result equals a stream with that chunk size.
         """
+        if isinstance(audio, list | tuple):
+            from caster.transcribe import transcribe_many  # it imports this module
+
+            results = transcribe_many(self, audio, language, chunk_ms, errors="raise")
+            return [r.transcript for r in results]
         prompt = self.prompt_index(language)
         context = self.config.context_for_chunk_ms(chunk_ms)
         if isinstance(audio, str | os.PathLike | bytes | bytearray) or hasattr(audio, "read"):
