@@ -12,8 +12,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-# Encoder frames are 8 mel frames of 10 ms each.
-ENCODER_FRAME_MS = 80
 # The latencies the released models advertise, in milliseconds.
 STANDARD_CHUNK_MS = (80, 160, 320, 560, 1120)
 

@@ -5,9 +5,16 @@ of blank frames strictly longer than `silence_ms`, and a long segment is cut at
 the first word start past `max_segment_ms`. Cutting only groups tokens: the
 decoder state runs on across segments, so the tokens are exactly those of an
 uncut stream. The blank-run rule looks at the gap between consecutive token
-frames (and at the trailing blank frames), so where the cuts fall does not
-depend on how the audio was chunked. Both rules use only blank frames and "▁"
-word starts, so they work in every locale.
+frames and, like GreedyEndpointing, cuts before the first word start at or after
+such a gap: punctuation and language tags emitted after the gap stay with the
+segment before it, and a word's piece emitted after a long pause (an untrained
+model's "strea" ... "m") does not split the word. A stream also ends its open
+segment once the blank frames after its last token are long enough
+(`trailing_silence_ends`); that rule cannot wait for the next token, so in a
+stream stepped in chunks shorter than such a pause a piece after it still
+starts a new segment. Both rules use only blank frames and "▁" word starts, so
+they work in every locale. Frames are encoder frames of the model's
+`encoder_frame_ms` (80 ms, or 40 ms for subsampling x4).
 
 Optionally a voice-activity detector decides silence instead of blank frames:
 Silero VAD (`caster.vad`, needs `pip install silero-vad`), whose per-stream
@@ -22,8 +29,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
-
-from caster.config import ENCODER_FRAME_MS
 
 if TYPE_CHECKING:  # caster.vad imports this module for EndpointError
     from caster.vad import VadState
@@ -67,19 +72,18 @@ class EndpointConfig:
         if not isinstance(self.vad_threshold, float | int) or not 0 < self.vad_threshold < 1:
             raise EndpointError(f"vad_threshold must lie in (0, 1), got {self.vad_threshold!r}")
 
-    @property
-    def silence_frames(self) -> int | None:
-        """A blank run longer than this many 80 ms frames ends a segment.
+    def silence_frames(self, frame_ms: int) -> int | None:
+        """A blank run longer than this many encoder frames of `frame_ms` ends a segment.
 
-        run * 80 > silence_ms  <=>  run > silence_ms // 80 for whole runs.
+        run * frame_ms > silence_ms  <=>  run > silence_ms // frame_ms for whole runs.
         """
-        return None if self.silence_ms is None else self.silence_ms // ENCODER_FRAME_MS
+        return None if self.silence_ms is None else self.silence_ms // frame_ms
 
-    @property
-    def max_frames(self) -> int | None:
+    def max_frames(self, frame_ms: int) -> int | None:
+        """Encoder frames of `frame_ms` after which a segment is cut at the next word start."""
         if self.max_segment_ms is None:
             return None
-        return math.ceil(self.max_segment_ms / ENCODER_FRAME_MS)
+        return math.ceil(self.max_segment_ms / frame_ms)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,6 +97,7 @@ class EndpointConfig:
 
 def segment_cuts(
     config: EndpointConfig,
+    frame_ms: int,
     token_ids: Sequence[int],
     frames: Sequence[int],
     starts_word: Sequence[bool],
@@ -101,8 +106,14 @@ def segment_cuts(
 ) -> list[int]:
     """Where new segments start among newly emitted tokens.
 
+    A cut falls before a token that starts a word (language tags and punctuation
+    do not), when a blank run longer than `silence_ms` lies between the previous
+    word start and this token, or when the token comes `max_segment_ms` or more
+    after the segment's first token.
+
     Args:
         config: the stream's endpointing.
+        frame_ms: the model's encoder frame length (ms).
         token_ids: (U,) every token of the stream so far.
         frames: (U,) the frame of each.
         starts_word: per token id (vocabulary-sized), whether that piece starts a word.
@@ -111,29 +122,44 @@ def segment_cuts(
     Returns:
         ascending token indices i > open_start: a final segment ends before each.
     """
-    silence = None if config.vad else config.silence_frames
-    longest = config.max_frames
+    silence = None if config.vad else config.silence_frames(frame_ms)
+    longest = config.max_frames(frame_ms)
+    first = max(first_new, open_start + 1)
+    # A long blank run among earlier tokens, after the last word start before them,
+    # still cuts at the first word start among the new ones.
+    last_start = first - 1
+    while last_start > open_start and not starts_word[token_ids[last_start]]:
+        last_start -= 1
+    paused = any(_long_gap(frames, j, silence) for j in range(last_start + 1, first))
     cuts = []
     start = open_start
-    for i in range(max(first_new, open_start + 1), len(frames)):
-        gap = frames[i] - frames[i - 1] - 1  # blank frames between consecutive tokens
-        too_long = (
-            longest is not None
-            and starts_word[token_ids[i]]
-            and frames[i] - frames[start] >= longest
-        )
-        if (silence is not None and gap > silence) or too_long:
+    for i in range(first, len(frames)):
+        paused = paused or _long_gap(frames, i, silence)
+        if not starts_word[token_ids[i]]:
+            continue
+        if paused or (longest is not None and frames[i] - frames[start] >= longest):
             cuts.append(i)
             start = i
+        paused = False
     return cuts
 
 
+def _long_gap(frames: Sequence[int], i: int, silence: int | None) -> bool:
+    """Whether more than `silence` blank frames lie between tokens i - 1 and i."""
+    return silence is not None and frames[i] - frames[i - 1] - 1 > silence
+
+
 def trailing_silence_ends(
-    config: EndpointConfig, last_frame: int, decoded_frames: int, vad: VadState | None
+    config: EndpointConfig,
+    frame_ms: int,
+    last_frame: int,
+    decoded_frames: int,
+    vad: VadState | None,
 ) -> bool:
     """Whether the silence after the open segment's last token ends the segment now.
 
     Args:
+        frame_ms: the model's encoder frame length (ms).
         last_frame: frame of the open segment's last token.
         decoded_frames: encoder frames the decoder has consumed so far.
         vad: the stream's VAD state when `config.vad`.
@@ -141,10 +167,10 @@ def trailing_silence_ends(
     if config.silence_ms is None:
         return False
     if not config.vad:
-        return decoded_frames - 1 - last_frame > config.silence_frames
+        return decoded_frames - 1 - last_frame > config.silence_frames(frame_ms)
     if vad is None or vad.silence_ms is None:
         return False
     # Cut only once the decoder has reached the silence, so the speech before it
     # has all its tokens in the segment.
-    decoded_ms = decoded_frames * ENCODER_FRAME_MS
+    decoded_ms = decoded_frames * frame_ms
     return vad.silence_ms > config.silence_ms and vad.speech_ended_by(decoded_ms)

@@ -150,7 +150,7 @@ class Engine:
             raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
         self.model = model
         self.max_batch = max_batch
-        self._lexicon = Lexicon(model.tokenizer)
+        self._lexicon = Lexicon(model.tokenizer, model.config.encoder_frame_ms)
         self._fingerprint = model_fingerprint(model)
         self._dtype = model.net.encoder.pre_encode.out.weight.dtype
         self._initial_decoder = initial_decoder_state(model.net, 1)
@@ -519,6 +519,7 @@ class Engine:
         tokens = record.token_ids
         cuts = segment_cuts(
             record.endpointing,
+            self._lexicon.frame_ms,
             tokens,
             record.frames,
             self._lexicon.starts_word,
@@ -528,7 +529,11 @@ class Engine:
         for cut in cuts:
             self._finalize(record, cut)
         if record.open_start < len(tokens) and trailing_silence_ends(
-            record.endpointing, record.frames[-1], record.decoded_frames, record.vad_state
+            record.endpointing,
+            self._lexicon.frame_ms,
+            record.frames[-1],
+            record.decoded_frames,
+            record.vad_state,
         ):
             self._finalize(record, len(tokens))
         if record.open_start < len(tokens) and len(tokens) > first_new:

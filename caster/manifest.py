@@ -3,13 +3,15 @@
 A manifest has one JSON object per line: `audio_filepath` (relative paths are
 relative to the manifest's folder), optionally `duration`, `text` (the
 reference) and a language under `lang`, `language`, `locale` or `source_lang`.
-A line that cannot be used is skipped and reported, never fatal.
+A line that cannot be used is skipped and reported, never fatal. The line parser
+(`manifest_lines`) also reads training manifests: `caster.train.data` adds its own
+checks (duration and text required, offset) on top.
 
-Error rates are corpus-level (all edits / all reference units) with `jiwer`, on
-the texts as they are (as NeMo and `caster eval` score), or after a light
-normalisation (case folded, punctuation removed, whitespace collapsed) on
-request. zh, ja, ko and th are scored by characters without whitespace (CER),
-all other languages by words (WER).
+Error rates are corpus-level (all edits / all reference units, counted by
+`caster.scoring`), on the texts as they are (as NeMo and `caster eval` score), or
+after a light normalisation (case folded, punctuation removed, whitespace
+collapsed) on request. zh, ja, ko and th are scored by characters without
+whitespace (CER), all other languages by words (WER).
 """
 
 from __future__ import annotations
@@ -18,25 +20,37 @@ import json
 import math
 import os
 import unicodedata
-from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
-
-import jiwer
+from typing import TYPE_CHECKING, Any, TextIO
 
 from caster.languages import LanguageError
-from caster.model import Model
+from caster.scoring import ErrorCount, add_count, count_errors, metric_of, pooled_counts, uses_cer
 from caster.transcribe import FileResult, Request
 
+if TYPE_CHECKING:
+    from caster.model import Model
+
 LANGUAGE_KEYS = ("lang", "language", "locale", "source_lang")
-CER_LANGUAGES = frozenset({"zh", "ja", "ko", "th"})
-MAX_LINE_CHARS = 1 << 20
+MAX_LINE_BYTES = 1 << 20
 
 
 class ManifestError(ValueError):
-    """The manifest file itself cannot be read."""
+    """A manifest file cannot be read at all (or, in training, cannot be mixed or batched)."""
+
+
+class ManifestLineError(ValueError):
+    """One manifest line cannot be used.
+
+    line:   1-based line number
+    reason: a short category ("invalid JSON", "missing field", ...) to count skips by
+    detail: what exactly is wrong, may be empty
+    """
+
+    def __init__(self, line: int, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason} ({detail})" if detail else reason)
+        self.line, self.reason, self.detail = line, reason, detail
 
 
 @dataclass(frozen=True)
@@ -46,7 +60,7 @@ class ManifestEntry:
     line:     1-based line number in the manifest
     audio:    the audio path, resolved against the manifest's folder
     text:     the reference transcript, if the line has one
-    language: the language the line names, if any
+    language: the language the line names (whitespace stripped), if any
     record:   the line's JSON object as read (written back with `pred_text`)
     """
 
@@ -79,25 +93,41 @@ class Score:
         return self.errors / self.units if self.units else math.nan
 
 
+def manifest_lines(path: str | os.PathLike) -> Iterator[ManifestEntry | ManifestLineError]:
+    """Parse a NeMo JSONL manifest line by line; blank lines are passed over.
+
+    Yields:
+        per non-blank line, in file order, its entry or why it cannot be used.
+    Raises:
+        ManifestError: the file is missing or cannot be read.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as file:
+            for number, raw in enumerate(file, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    yield _entry(raw, number, path.parent)
+                except ManifestLineError as e:
+                    yield e
+    except OSError as e:
+        raise ManifestError(f"cannot read manifest {path}: {e.strerror or e}") from e
+
+
 def read_manifest(path: str | os.PathLike) -> Manifest:
     """Read a NeMo JSONL manifest, keeping the usable lines and describing the others.
 
     Raises:
-        ManifestError: the file is missing, unreadable or not UTF-8 text.
+        ManifestError: the file is missing or cannot be read.
     """
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ManifestError(f"cannot read manifest {path}: {e}") from e
     entries, problems = [], []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            entries.append(_entry(line, number, path.parent))
-        except ValueError as e:
-            problems.append(f"{path}:{number}: {e}")
+    for item in manifest_lines(path):
+        if isinstance(item, ManifestLineError):
+            problems.append(f"{path}:{item.line}: {item}")
+        else:
+            entries.append(item)
     return Manifest(path, entries, problems)
 
 
@@ -148,13 +178,6 @@ def normalize_text(text: str) -> str:
     return " ".join(kept.split())
 
 
-def metric_for(language: str | None) -> str:
-    """The metric of a language: "cer" for zh, ja, ko and th, else "wer"."""
-    if language is None:
-        return "wer"
-    return "cer" if language.replace("_", "-").split("-")[0].lower() in CER_LANGUAGES else "wer"
-
-
 def score(rows: Iterable[tuple[str, str, str | None]], normalize: bool = False) -> list[Score]:
     """Error rates per language, then pooled per metric.
 
@@ -166,43 +189,26 @@ def score(rows: Iterable[tuple[str, str, str | None]], normalize: bool = False) 
         one Score per language (sorted; "none" where no language was given),
         then one "all" Score per metric; empty when nothing could be scored.
     """
-    groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    counts: dict[tuple[str], ErrorCount] = {}
     for reference, hypothesis, language in rows:
         if normalize:
             reference, hypothesis = normalize_text(reference), normalize_text(hypothesis)
         if reference.strip():
-            groups[language or "none"].append((reference, hypothesis))
-    scores = [_score(language, groups[language]) for language in sorted(groups)]
-    for metric in ("wer", "cer"):
-        pooled = [s for s in scores if s.metric == metric]
-        if pooled:
-            scores.append(
-                Score(
-                    "all",
-                    metric,
-                    sum(s.utterances for s in pooled),
-                    sum(s.errors for s in pooled),
-                    sum(s.units for s in pooled),
-                )
-            )
+            count = count_errors(reference, hypothesis, uses_cer(language))
+            add_count(counts, (language or "none",), count)
+    scores = [
+        _score(language, metric_of(language), count)
+        for (language,), count in sorted(counts.items())
+    ]
+    pooled = pooled_counts(counts)
+    scores += [
+        _score("all", metric, pooled[(metric,)]) for metric in ("wer", "cer") if (metric,) in pooled
+    ]
     return scores
 
 
-def _score(language: str, pairs: list[tuple[str, str]]) -> Score:
-    metric = metric_for(None if language == "none" else language)
-    if metric == "cer":
-        # Spaces are not characters of these scripts: compare the characters alone.
-        refs = ["".join(r.split()) for r, _ in pairs]
-        hyps = ["".join(h.split()) for _, h in pairs]
-        out = jiwer.process_characters(refs, hyps)
-        units = sum(len(r) for r in refs)
-    else:
-        refs = [" ".join(r.split()) for r, _ in pairs]
-        hyps = [" ".join(h.split()) for _, h in pairs]
-        out = jiwer.process_words(refs, hyps)
-        units = sum(len(r.split()) for r in refs)
-    errors = out.substitutions + out.deletions + out.insertions
-    return Score(language, metric, len(pairs), errors, units)
+def _score(language: str, metric: str, count: ErrorCount) -> Score:
+    return Score(language, metric, count.utterances, count.errors, count.units)
 
 
 def score_table(scores: Iterable[Score]) -> Iterator[str]:
@@ -215,24 +221,31 @@ def score_table(scores: Iterable[Score]) -> Iterator[str]:
         )
 
 
-def _entry(line: str, number: int, folder: Path) -> ManifestEntry:
-    if len(line) > MAX_LINE_CHARS:
-        raise ValueError(f"line is longer than {MAX_LINE_CHARS} characters")
+def _entry(raw: bytes, number: int, folder: Path) -> ManifestEntry:
+    """One line's entry; raises ManifestLineError saying why the line is unusable."""
+    if len(raw) > MAX_LINE_BYTES:
+        raise ManifestLineError(number, "line too long", f"over {MAX_LINE_BYTES} bytes")
     try:
-        record = json.loads(line)
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ManifestLineError(number, "line is not UTF-8") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"not JSON ({e.msg})") from None
+        raise ManifestLineError(number, "invalid JSON", e.msg) from None
+    except (ValueError, RecursionError):  # an integer too long to parse, or nesting too deep
+        raise ManifestLineError(number, "invalid JSON") from None
     if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    audio = record.get("audio_filepath")
-    if not isinstance(audio, str) or not audio.strip():
-        raise ValueError("no audio_filepath string")
+        raise ManifestLineError(number, "line is not a JSON object", type(record).__name__)
+    if "audio_filepath" not in record:
+        raise ManifestLineError(number, "missing field", "no audio_filepath")
+    audio = record["audio_filepath"]
+    if not isinstance(audio, str) or not audio.strip() or "\x00" in audio:
+        raise ManifestLineError(number, "bad audio_filepath", repr(audio)[:100])
     text = record.get("text")
     if text is not None and not isinstance(text, str):
-        raise ValueError(f"text must be a string, got {type(text).__name__}")
+        raise ManifestLineError(number, "text is not a string", type(text).__name__)
     language = next((record[k] for k in LANGUAGE_KEYS if record.get(k) is not None), None)
     if language is not None and not isinstance(language, str):
-        raise ValueError(f"the language must be a string, got {language!r}")
+        raise ManifestLineError(number, "bad language", repr(language)[:100])
     path = Path(audio).expanduser()
     path = path if path.is_absolute() else folder / path
-    return ManifestEntry(number, path, text, language, record)
+    return ManifestEntry(number, path, text, (language or "").strip() or None, record)

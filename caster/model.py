@@ -33,7 +33,8 @@ class Transcript:
     token_ids:  raw token ids, language tags included
     language:   the locale asked for, or in `auto` mode the last tag the model
                 emitted (None when it emitted none, or the model has no prompt)
-    token_frames: encoder frame (80 ms steps) at which each token was emitted
+    token_frames: encoder frame at which each token was emitted
+                (`config.encoder_frame_ms` apart: 80 ms for the released models)
     token_logprobs: log-probability of each token under the joint
     """
 

@@ -1,7 +1,8 @@
 """Timed results of a stream: words and segments built from emitted tokens.
 
 Token times come from the encoder frame on which the greedy decoder emitted
-each token (80 ms per frame). A word is a run of SentencePiece pieces that
+each token (the model's `encoder_frame_ms` per frame: 80 ms, 40 ms for
+subsampling x4). A word is a run of SentencePiece pieces that
 starts with a "▁" piece; language-tag pieces ("<de-DE>") are no words, and in
 `auto` mode they name the segment's language. Confidences are exp(mean
 log-probability) of the tokens involved, i.e. the geometric mean of their
@@ -16,7 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from caster.config import ENCODER_FRAME_MS
 from caster.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -67,16 +67,17 @@ class StreamResult:
     segments: tuple[Segment, ...]
 
 
-def frame_seconds(frame: int) -> float:
-    """Start time of an encoder frame in seconds (exact to the millisecond)."""
-    return frame * ENCODER_FRAME_MS / 1000
-
-
 class Lexicon:
-    """Per-token facts that words and endpointing need, computed once per tokenizer."""
+    """Per-token facts that words and endpointing need, computed once per model.
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    Args:
+        tokenizer: the model's tokenizer.
+        frame_ms: the model's encoder frame length (`ModelConfig.encoder_frame_ms`).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, frame_ms: int) -> None:
         self.tokenizer = tokenizer
+        self.frame_ms = frame_ms
         pieces = tokenizer.pieces
         tags = tokenizer.language_tag_ids
         self.language_of: dict[int, str] = tags
@@ -101,7 +102,7 @@ class Lexicon:
 
         A punctuation-only piece ("," or "▁,") joins the word before it; a piece
         of an unspaced script is a word of its own. A word ends with its last
-        token's frame (+80 ms), but never after the next word starts nor after
+        token's frame (+ one frame), but never after the next word starts nor after
         `duration` seconds, so start and end times never decrease.
         """
         groups: list[list[int]] = []
@@ -117,10 +118,10 @@ class Lexicon:
             text = self.tokenizer.decode([token_ids[i] for i in group]).strip()
             if not text:  # a bare "▁" piece right before another word start
                 continue
-            start = min(frame_seconds(frames[group[0]]), duration)
-            end = frame_seconds(frames[group[-1]] + 1)
+            start = min(self.frame_seconds(frames[group[0]]), duration)
+            end = self.frame_seconds(frames[group[-1]] + 1)
             if n + 1 < len(groups):
-                end = min(end, frame_seconds(frames[groups[n + 1][0]]))
+                end = min(end, self.frame_seconds(frames[groups[n + 1][0]]))
             end = max(start, min(end, duration))
             words.append(Word(text, start, end, _confidence([scores[i] for i in group])))
         return words
@@ -138,8 +139,8 @@ class Lexicon:
         """A segment from its tokens (at least one), their frames and log-probabilities."""
         text, _ = self.tokenizer.split_language_tags(self.tokenizer.decode(token_ids))
         words = self.words(token_ids, frames, scores, duration)
-        start = min(frame_seconds(frames[0]), duration)
-        end = max(start, min(frame_seconds(frames[-1] + 1), duration))
+        start = min(self.frame_seconds(frames[0]), duration)
+        end = max(start, min(self.frame_seconds(frames[-1] + 1), duration))
         return Segment(
             index=index,
             text=text.strip(),
@@ -151,6 +152,10 @@ class Lexicon:
             confidence=_confidence(scores),
             token_ids=tuple(token_ids),
         )
+
+    def frame_seconds(self, frame: int) -> float:
+        """Start time of an encoder frame in seconds (exact to the millisecond)."""
+        return frame * self.frame_ms / 1000
 
     def last_language(self, token_ids: Sequence[int]) -> str | None:
         """The locale of the last language tag among the tokens, if any."""

@@ -16,7 +16,8 @@
   both paths give the same tokens for the same `chunk_ms`.
 
 Word and segment timing reuse the streaming results' machinery
-(`caster.results.Lexicon`, `caster.endpoint.segment_cuts`): token frames x 80 ms.
+(`caster.results.Lexicon`, `caster.endpoint.segment_cuts`): token frames x the
+model's encoder frame length (80 ms; 40 ms for subsampling x4).
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ class _Runner:
         self.long_samples = int(long_audio_seconds * rate)
         self.step_seconds = step_seconds
         self.segmenting = segmenting
-        self.lexicon = Lexicon(model.tokenizer)
+        self.lexicon = Lexicon(model.tokenizer, model.config.encoder_frame_ms)
 
     def run(
         self,
@@ -367,7 +368,7 @@ def file_segments(
     ids, frames, scores = transcript.token_ids, transcript.token_frames, transcript.token_logprobs
     if not ids:
         return ()
-    cuts = segment_cuts(segmenting, ids, frames, lexicon.starts_word, 0, 0)
+    cuts = segment_cuts(segmenting, lexicon.frame_ms, ids, frames, lexicon.starts_word, 0, 0)
     bounds = [0, *cuts, len(ids)]
     fixed = None if prompt is None else canonical_locale(prompt, model.config.prompt)
     seen = None

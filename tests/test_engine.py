@@ -327,15 +327,25 @@ def test_segments_words_and_times(model, clips):
                     assert s.language == own[-1]
         if language is None:
             assert all(s.language is None for s in segments)
-        # Cuts fall exactly where the rules say, however the audio was chunked: after a
-        # blank run over 160 ms (2 frames), or before a word starting 800 ms (10 frames) in.
+        # Cuts fall exactly where the rules say: before a word start after a blank run over
+        # 160 ms (2 frames), or before a word starting 800 ms (10 frames) in; or, in a
+        # stream, once a blank run over 160 ms follows the open segment's last token. That
+        # trailing-silence rule cannot wait for the next token, so a stream fed in small
+        # chunks can still cut before a word's continuation after a pause (this model
+        # emits "▁s t re a" | "m" 20 frames apart); `segment_cuts` alone (files, or a
+        # step spanning the pause) waits for the next word start.
         tokens, frames = result.transcript.token_ids, result.transcript.token_frames
         bounds = list(np.cumsum([len(s.token_ids) for s in segments])[:-1])
         starts_word = engine._lexicon.starts_word
-        assert bounds == segment_cuts(SPLIT, tokens, frames, starts_word, 0, 0)
-        for start, cut in itertools.pairwise([0, *bounds]):
-            gap = frames[cut] - frames[cut - 1] - 1
-            assert gap > 2 or (starts_word[tokens[cut]] and frames[cut] - frames[start] >= 10)
+        for start, cut in itertools.pairwise([0, *bounds, len(tokens)]):
+            rule = segment_cuts(SPLIT, 80, tokens, frames, starts_word, start, start)
+            if cut == len(tokens):
+                assert rule == []
+            elif not rule or rule[0] != cut:
+                assert rule == [] or rule[0] > cut
+                assert frames[cut] - frames[cut - 1] - 1 > 2
+        offline = segment_cuts(SPLIT, 80, tokens, frames, starts_word, 0, 0)
+        assert all(starts_word[tokens[cut]] for cut in offline)
     assert max(counts) >= 2
 
 
@@ -345,15 +355,25 @@ def test_segment_cuts_rules():
     tokens = [0, 1, 0, 0, 1, 1, 0]
     frames = [0, 1, 5, 9, 10, 14, 15]
     # gaps 0, 3, 3, 0, 3, 0: no silence cut; words start at frames 0, 5, 9 and 15
-    assert segment_cuts(cfg, tokens, frames, starts_word, 0, 0) == [2, 6]
-    assert segment_cuts(cfg, tokens, frames, starts_word, 2, 4) == [6]  # only new tokens
+    assert segment_cuts(cfg, 80, tokens, frames, starts_word, 0, 0) == [2, 6]
+    assert segment_cuts(cfg, 80, tokens, frames, starts_word, 2, 4) == [6]  # only new tokens
     quick = EndpointConfig(silence_ms=160, max_segment_ms=None)
-    assert segment_cuts(quick, tokens, frames, starts_word, 0, 0) == [2, 3, 5]
+    # The pause before token 5 (a word's continuation) used to cut there, splitting the
+    # word; now it cuts before the next word start, token 6, also when token 5 came in an
+    # earlier call.
+    assert segment_cuts(quick, 80, tokens, frames, starts_word, 0, 0) == [2, 3, 6]
+    assert segment_cuts(quick, 80, tokens, frames, starts_word, 3, 6) == [6]
+    assert segment_cuts(quick, 80, tokens[:6], frames[:6], starts_word, 3, 4) == []
+    # 40 ms frames (subsampling x4): 160 ms is 4 frames, no gap is longer; 400 ms is 10.
+    assert segment_cuts(quick, 40, tokens, frames, starts_word, 0, 0) == []
+    assert segment_cuts(cfg, 40, tokens, frames, starts_word, 0, 0) == [6]
     never = EndpointConfig(silence_ms=None, max_segment_ms=None)
-    assert segment_cuts(never, tokens, frames, starts_word, 0, 0) == []
-    assert trailing_silence_ends(quick, last_frame=15, decoded_frames=19, vad=None)
-    assert not trailing_silence_ends(quick, last_frame=15, decoded_frames=18, vad=None)
-    assert not trailing_silence_ends(never, last_frame=0, decoded_frames=1000, vad=None)
+    assert segment_cuts(never, 80, tokens, frames, starts_word, 0, 0) == []
+    assert trailing_silence_ends(quick, 80, last_frame=15, decoded_frames=19, vad=None)
+    assert not trailing_silence_ends(quick, 80, last_frame=15, decoded_frames=18, vad=None)
+    assert not trailing_silence_ends(quick, 40, last_frame=15, decoded_frames=20, vad=None)
+    assert trailing_silence_ends(quick, 40, last_frame=15, decoded_frames=21, vad=None)
+    assert not trailing_silence_ends(never, 80, last_frame=0, decoded_frames=1000, vad=None)
 
 
 def test_many_threads_feed_at_once(model, clips):
@@ -455,11 +475,11 @@ def test_vad_endpoint_rule():
     state = VadState.initial()
     spoke = VadState(state.context, state.leftover, state.h, state.c, 32_000, 16_000)
     # 1 s heard since speech ended at 1.0 s; the decoder must have reached 1.0 s (12.5 frames)
-    assert trailing_silence_ends(cfg, last_frame=10, decoded_frames=13, vad=spoke)
-    assert not trailing_silence_ends(cfg, last_frame=10, decoded_frames=12, vad=spoke)
-    assert not trailing_silence_ends(cfg, last_frame=10, decoded_frames=13, vad=state)
+    assert trailing_silence_ends(cfg, 80, last_frame=10, decoded_frames=13, vad=spoke)
+    assert not trailing_silence_ends(cfg, 80, last_frame=10, decoded_frames=12, vad=spoke)
+    assert not trailing_silence_ends(cfg, 80, last_frame=10, decoded_frames=13, vad=state)
     short = VadState(state.context, state.leftover, state.h, state.c, 23_000, 16_000)
-    assert not trailing_silence_ends(cfg, last_frame=10, decoded_frames=13, vad=short)
+    assert not trailing_silence_ends(cfg, 80, last_frame=10, decoded_frames=13, vad=short)
 
 
 @needs_silero
@@ -481,7 +501,7 @@ def test_words_from_pieces_in_spaced_and_unspaced_scripts():
     pieces += ["▁", "▁,"]
     types = [UNKNOWN, USER_DEFINED, USER_DEFINED] + [NORMAL] * (len(pieces) - 3)
     scores = [0.0] * 3 + [-float(i) for i in range(1, len(pieces) - 2)]
-    lexicon = Lexicon(Tokenizer(model_proto(pieces, scores, types, model_type=UNIGRAM)))
+    lexicon = Lexicon(Tokenizer(model_proto(pieces, scores, types, model_type=UNIGRAM)), 80)
     ids = [3, 4, 5, 6, 2, 7, 8, 9, 10, 1, 11, 3, 12]
     frames = [0, 2, 2, 3, 3, 10, 11, 11, 12, 12, 20, 21, 22]
     logprobs = [-0.1] * 12 + [-0.7]

@@ -26,6 +26,7 @@ from caster.checkpoint import load_checkpoint
 from caster.checkpoint.native import save_native
 from caster.config import EncoderConfig, PromptConfig
 from caster.languages import NEMOTRON_3_5_PROMPT, LanguageError
+from caster.scoring import ErrorCount
 from caster.train.cli import add_eval_arguments, add_train_arguments, run_eval, run_train
 from caster.train.config import (
     ModelSection,
@@ -36,7 +37,7 @@ from caster.train.config import (
     load_train_config,
     model_config,
 )
-from caster.train.evaluate import choose_prompts, count_errors, edit_distance, error_rates
+from caster.train.evaluate import choose_prompts, error_rates, trained_chunk_ms
 from caster.train.loop import add_languages, frozen_modules, learning_rate, sample_context, train
 from caster.train.metrics import read_metrics
 from caster.transducer import Transducer
@@ -368,23 +369,28 @@ def test_new_languages_take_free_slots():
         add_languages(None, ["c"])
 
 
-def test_word_and_character_error_rates():
-    assert edit_distance("kitten", "sitting") == 3
-    assert edit_distance([], ["a"]) == 1
-    assert count_errors("the cat sat", "the cat sat down", by_character=False) == (1, 3)
-    assert count_errors("今天 好", "今天好吗", by_character=True) == (1, 3)
+def test_error_rates_keys_and_pooling():
     counts = {
-        (80, "language", "en-US"): [1, 4],
-        (80, "language", "de-DE"): [0, 4],
-        (80, "language", "zh-CN"): [2, 10],
-        (80, "auto", "en-US"): [4, 4],
+        (80, "language", "en-US"): ErrorCount(1, 4, 1),
+        (80, "language", "de-DE"): ErrorCount(0, 4, 1),
+        (80, "language", "zh_CN"): ErrorCount(2, 10, 1),
+        (80, "auto", "en-US"): ErrorCount(4, 4, 1),
     }
     rates = error_rates(counts)
     assert rates["80ms/en-US/wer"] == 0.25
     assert rates["80ms/all/wer"] == 1 / 8
-    assert rates["80ms/zh-CN/cer"] == rates["80ms/all/cer"] == 0.2
+    # zh_CN is zh however the locale is spelled: scored by characters.
+    assert rates["80ms/zh_CN/cer"] == rates["80ms/all/cer"] == 0.2
     assert rates["80ms/auto/all/wer"] == 1.0
     assert not any(math.isnan(v) for v in rates.values())
+
+
+def test_trained_chunk_ms_uses_the_model_frame_length():
+    config = caster.load(nemo_path(PROMPT_MODEL)).config
+    assert trained_chunk_ms(config) == [80, 320, 560, 1120]  # contexts [56,0/3/6/13]
+    # Subsampling x4: 40 ms frames, contexts [[40,4],[20,1],[40,0]] (80 ms frames gave 80/160/400).
+    sub4 = caster.load(DATA / "nemo_variants" / "variant_sub4.nemo").config
+    assert trained_chunk_ms(sub4) == [40, 80, 200]
 
 
 def test_cli_train_then_eval(tmp_path, capsys):

@@ -21,7 +21,10 @@ from conftest import DATA
 import caster
 from caster.decoding import greedy_decode, initial_decoder_state
 from caster.encoder import EncoderCache
+from caster.engine import Engine
+from caster.results import Lexicon
 from caster.streaming import Stream
+from caster.transcribe import transcribe_many
 
 VARIANTS = DATA / "nemo_variants"
 NAMES = ["variant_bn80", "variant_prompt_k5", "variant_sub4"]
@@ -288,3 +291,29 @@ def test_untrained_chunk_sizes_stream_like_transcribe(model, oracle):
         streamed = feed_in_pieces(model.stream(language, chunk_ms), audio, rng)
         assert streamed.token_ids == offline.token_ids, chunk_ms
         assert streamed.token_frames == offline.token_frames
+
+
+def test_sub4_word_and_segment_times_use_40_ms_frames(oracle):
+    """Subsampling x4: a token on encoder frame f starts at f x 40 ms, in files and streams."""
+    model = caster.load(VARIANTS / "variant_sub4.nemo")
+    assert model.config.encoder_frame_ms == 40
+    audio = oracle["inputs/wave_a"]
+    duration = len(audio) / 16000
+    (result,) = transcribe_many(model, [audio])
+    engine = Engine(model)
+    handle = engine.open(chunk_ms=80)
+    handle.feed(audio)
+    engine.end(handle)
+    streamed = handle.finish()
+    starts_word = Lexicon(model.tokenizer, 40).starts_word
+    for transcript, segments in [
+        (result.transcript, result.segments),
+        (streamed.transcript, streamed.segments),
+    ]:
+        ids, frames = transcript.token_ids, transcript.token_frames
+        assert max(frames) > 0  # 40 and 80 ms frames give different times
+        word_starts = [f * 0.04 for t, f in zip(ids, frames, strict=True) if starts_word[t]]
+        words = [w for s in segments for w in s.words]
+        assert [w.start for w in words] == pytest.approx(word_starts)
+        assert segments[0].start == pytest.approx(frames[0] * 0.04)
+        assert segments[-1].end == pytest.approx(min((frames[-1] + 1) * 0.04, duration))

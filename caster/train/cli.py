@@ -12,8 +12,12 @@ import json
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from caster.train.evaluate import ErrorCounts
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,24 +146,25 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_report(counts: dict[tuple[int, str, str], list[int]]) -> str:
+def format_report(counts: ErrorCounts) -> str:
     """A table: one row per chunk size, prompt mode and language, plus pooled rows."""
-    from caster.train.evaluate import metric_of, pooled_counts
+    from caster.scoring import metric_of, pooled_counts
 
     rows = [
-        (ms, mode, language, metric_of(language).upper(), errors, units)
-        for (ms, mode, language), (errors, units) in sorted(counts.items())
+        (ms, mode, language, metric_of(language).upper(), count)
+        for (ms, mode, language), count in sorted(counts.items())
     ]
     languages = {language for _, _, language in counts}
     if len(languages) > 1:
-        for (ms, mode, metric), (errors, units) in pooled_counts(counts).items():
-            rows.append((ms, mode, "all", metric.upper(), errors, units))
+        for (ms, mode, metric), count in pooled_counts(counts).items():
+            rows.append((ms, mode, "all", metric.upper(), count))
     rows.sort(key=lambda r: (r[0], r[1], r[2] == "all", r[2]))
     header = f"{'chunk':>8}  {'prompt':<10} {'language':<10} {'metric':<6} {'rate':>8}"
     lines = [f"{header}  errors/units"]
-    for ms, mode, language, metric, errors, units in rows:
-        rate = 100.0 * errors / max(units, 1)
+    for ms, mode, language, metric, count in rows:
+        rate = 100.0 * count.errors / max(count.units, 1)
         lines.append(
-            f"{ms:>5} ms  {mode:<10} {language:<10} {metric:<6} {rate:7.2f}%  {errors}/{units}"
+            f"{ms:>5} ms  {mode:<10} {language:<10} {metric:<6} {rate:7.2f}%  "
+            f"{count.errors}/{count.units}"
         )
     return "\n".join(lines)

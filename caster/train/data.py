@@ -2,7 +2,9 @@
 
 A manifest has one JSON object per line: `audio_filepath` (relative paths are resolved against
 the manifest's folder), `duration` (seconds), `text`, optionally `offset` (seconds into the
-file) and a language under `lang`, `language`, `locale` or `source_lang`. Audio can be in any format
+file) and a language under `lang`, `language`, `locale` or `source_lang`. Lines are parsed by
+`caster.manifest.manifest_lines` (as inference manifests are); training adds its own checks:
+duration and text are required, duration and offset must be usable. Audio can be in any format
 `caster.audio.load_audio` reads.
 
 Nothing in a manifest is trusted. A bad line (invalid JSON, a missing or mistyped field, a
@@ -16,7 +18,6 @@ audio, so training features are NeMo-exact; `caster.train.augment` has SpecAugme
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -31,18 +32,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from caster import manifest
 from caster.audio import AudioError, load_audio
+from caster.manifest import ManifestError
 from caster.tokenizer import Tokenizer
 from caster.train.augment import mix_noise, speed_perturb
 
 logger = logging.getLogger(__name__)
-
-# The same keys as caster.manifest (inference/eval manifests) reads.
-LANGUAGE_KEYS = ("lang", "language", "locale", "source_lang")
-
-
-class ManifestError(ValueError):
-    """A manifest file cannot be read at all, or mixing/batching settings are unusable."""
 
 
 @dataclass(frozen=True)
@@ -112,67 +108,36 @@ def read_manifest(
         ManifestError: the file itself cannot be opened or read.
     """
     counter = counter if counter is not None else SkipCounter()
-    path = Path(path)
-    base = path.parent
     entries = []
     before = counter.total
-    try:
-        with path.open("rb") as file:
-            for number, raw in enumerate(file, start=1):
-                if not raw.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    counter.skip("line is not UTF-8", where)
-                    continue
-                entry = _parse_line(line, base, where, counter)
-                if entry is not None:
-                    entries.append(entry)
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot read manifest ({e.strerror or e})") from e
+    for item in manifest.manifest_lines(path):
+        if isinstance(item, manifest.ManifestEntry):
+            item = _training_entry(item)
+        if isinstance(item, manifest.ManifestLineError):
+            where = f"{path}:{item.line}"
+            counter.skip(item.reason, f"{where} ({item.detail})" if item.detail else where)
+        else:
+            entries.append(item)
     skipped = counter.total - before
     logger.info("%s: %d entries, %d lines skipped", path, len(entries), skipped)
     return entries
 
 
-def _parse_line(line: str, base: Path, where: str, counter: SkipCounter) -> ManifestEntry | None:
-    try:
-        item = json.loads(line)
-    except (ValueError, RecursionError):  # JSONDecodeError, or an integer too long to parse
-        counter.skip("invalid JSON", where)
-        return None
-    if not isinstance(item, dict):
-        counter.skip("line is not a JSON object", where)
-        return None
-    missing = [key for key in ("audio_filepath", "duration", "text") if key not in item]
+def _training_entry(entry: manifest.ManifestEntry) -> ManifestEntry | manifest.ManifestLineError:
+    """The training entry of a parsed line, or why the line cannot be trained on."""
+    record, line = entry.record, entry.line
+    missing = [key for key in ("duration", "text") if key not in record]
     if missing:
-        counter.skip("missing field", f"{where} (no {', '.join(missing)})")
-        return None
-    audio, text = item["audio_filepath"], item["text"]
-    if not isinstance(audio, str) or not audio or "\x00" in audio:
-        counter.skip("bad audio_filepath", where)
-        return None
-    if not isinstance(text, str):
-        counter.skip("text is not a string", where)
-        return None
-    duration = _seconds(item["duration"])
+        return manifest.ManifestLineError(line, "missing field", f"no {', '.join(missing)}")
+    if entry.text is None:
+        return manifest.ManifestLineError(line, "text is not a string", "null")
+    duration = _seconds(record["duration"])
     if duration is None or duration <= 0.0:
-        counter.skip("bad duration", f"{where} (duration {item['duration']!r})")
-        return None
-    offset = _seconds(item.get("offset", 0.0))
+        return manifest.ManifestLineError(line, "bad duration", f"duration {record['duration']!r}")
+    offset = _seconds(record.get("offset", 0.0))
     if offset is None or offset < 0.0:
-        counter.skip("bad offset", f"{where} (offset {item.get('offset')!r})")
-        return None
-    language = next((item[key] for key in LANGUAGE_KEYS if item.get(key) is not None), None)
-    if language is not None and not isinstance(language, str):
-        counter.skip("bad language", f"{where} (language {language!r})")
-        return None
-    audio_path = Path(audio)
-    if not audio_path.is_absolute():
-        audio_path = base / audio_path
-    return ManifestEntry(audio_path, duration, text, (language or "").strip() or None, offset)
+        return manifest.ManifestLineError(line, "bad offset", f"offset {record.get('offset')!r}")
+    return ManifestEntry(entry.audio, duration, entry.text, entry.language, offset)
 
 
 def _seconds(value: Any) -> float | None:

@@ -1,64 +1,29 @@
 """Scoring a model: WER/CER per chunk size, prompt mode and language.
 
-Used by the training loop's validation and by `caster eval`. zh, ja, ko and th are
-scored by characters without whitespace (CER), every other language by words (WER);
-rates are corpus-level (all edits / all reference units). Prompt choice lives here
-too, since scoring and training pick each utterance's prompt the same way.
+Used by the training loop's validation and by `caster eval`. Errors are counted by
+`caster.scoring` (CER for zh, ja, ko and th, WER elsewhere; corpus-level rates).
+Prompt choice lives here too, since scoring and training pick each utterance's prompt
+the same way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-from caster.config import ENCODER_FRAME_MS, ModelConfig, PromptConfig
+from caster.config import ModelConfig, PromptConfig
 from caster.decoding import greedy_decode, initial_decoder_state
 from caster.languages import AUTO, LanguageError, resolve_language
+from caster.scoring import ErrorCount, add_count, count_errors, metric_of, pooled_counts, uses_cer
+from caster.scoring import merge_counts as merge_counts  # re-exported for the training loop
 from caster.tokenizer import Tokenizer
 from caster.train.data import Batch
 from caster.transducer import Transducer
 
-# Languages scored by character error rate: their text has no spaces between words.
-CER_LANGUAGES = frozenset({"zh", "ja", "ko", "th"})
-
-_Key = TypeVar("_Key")
-
-
-def uses_cer(language: str | None) -> bool:
-    """Whether a language is scored by characters (zh, ja, ko, th) instead of words."""
-    return language is not None and language.split("-")[0].lower() in CER_LANGUAGES
-
-
-def metric_of(language: str | None) -> str:
-    """The metric of a language: "cer" (zh, ja, ko, th: by characters), else "wer"."""
-    return "cer" if uses_cer(language) else "wer"
-
-
-def edit_distance(reference: Sequence[Any], hypothesis: Sequence[Any]) -> int:
-    """Levenshtein distance (substitutions, insertions, deletions all cost 1)."""
-    previous = list(range(len(hypothesis) + 1))
-    for i, ref in enumerate(reference, start=1):
-        current = [i]
-        for j, hyp in enumerate(hypothesis, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref != hyp)))
-        previous = current
-    return previous[-1]
-
-
-def count_errors(reference: str, hypothesis: str, by_character: bool) -> tuple[int, int]:
-    """(edit errors, reference units): words, or characters without whitespace for CER."""
-    if by_character:
-        ref, hyp = list("".join(reference.split())), list("".join(hypothesis.split()))
-    else:
-        ref, hyp = reference.split(), hypothesis.split()
-    return edit_distance(ref, hyp), len(ref)
-
-
-# (chunk_ms, prompt mode, language) -> [errors, units]
-ErrorCounts = dict[tuple[int, str, str], list[int]]
+# (chunk_ms, prompt mode, language) -> errors and reference units
+ErrorCounts = dict[tuple[int, str, str], ErrorCount]
 
 
 @torch.inference_mode()
@@ -109,8 +74,8 @@ def evaluate(
                 for hyp, index, language in zip(hyps, batch.indices, batch.languages, strict=True):
                     text, _ = tokenizer.split_language_tags(tokenizer.decode(hyp.token_ids))
                     reference, _ = tokenizer.split_language_tags(references(index))
-                    errors, units = count_errors(reference, text, uses_cer(language))
-                    _add(counts, (ms, mode, language or "none"), errors, units)
+                    count = count_errors(reference, text, uses_cer(language))
+                    add_count(counts, (ms, mode, language or "none"), count)
     return counts
 
 
@@ -120,43 +85,30 @@ def error_rates(counts: ErrorCounts) -> dict[str, float]:
     The mode is omitted for "language" (the true-language prompt, or no prompt).
     """
     rates: dict[str, float] = {}
-    for (ms, mode, language), (errors, units) in sorted(counts.items()):
-        rates[f"{_prefix(ms, mode)}/{language}/{metric_of(language)}"] = errors / max(units, 1)
-    for (ms, mode, metric), (errors, units) in pooled_counts(counts).items():
-        rates[f"{_prefix(ms, mode)}/all/{metric}"] = errors / max(units, 1)
+    for (ms, mode, language), count in sorted(counts.items()):
+        rates[f"{_prefix(ms, mode)}/{language}/{metric_of(language)}"] = _rate(count)
+    for (ms, mode, metric), count in pooled_counts(counts).items():
+        rates[f"{_prefix(ms, mode)}/all/{metric}"] = _rate(count)
     return rates
-
-
-def pooled_counts(counts: ErrorCounts) -> dict[tuple[int, str, str], list[int]]:
-    """The counts added over languages: (chunk_ms, mode, "wer" or "cer") -> [errors, units]."""
-    pooled: dict[tuple[int, str, str], list[int]] = {}
-    for (ms, mode, language), (errors, units) in sorted(counts.items()):
-        _add(pooled, (ms, mode, metric_of(language)), errors, units)
-    return pooled
-
-
-def merge_counts(parts: Iterable[ErrorCounts]) -> ErrorCounts:
-    """The counts of several processes (or data shards) added together."""
-    merged: ErrorCounts = {}
-    for part in parts:
-        for key, (errors, units) in part.items():
-            _add(merged, key, errors, units)
-    return merged
 
 
 def _prefix(ms: int, mode: str) -> str:
     return f"{ms}ms" if mode == "language" else f"{ms}ms/{mode}"
 
 
-def _add(counts: dict[_Key, list[int]], key: _Key, errors: int, units: int) -> None:
-    total = counts.setdefault(key, [0, 0])
-    total[0] += errors
-    total[1] += units
+def _rate(count: ErrorCount) -> float:
+    # 0.0 where there are no reference units, as validation has always logged.
+    return count.errors / max(count.units, 1)
 
 
 def trained_chunk_ms(config: ModelConfig) -> list[int]:
-    """The chunk sizes (ms) of the attention contexts a model was trained with."""
-    return sorted({(right + 1) * ENCODER_FRAME_MS for _, right in config.encoder.att_context_size})
+    """The chunk sizes (ms) of the attention contexts a model was trained with.
+
+    A context with right context R streams chunks of R + 1 encoder frames, each
+    `config.encoder_frame_ms` long (40 ms for subsampling x4, 80 ms for x8).
+    """
+    frame = config.encoder_frame_ms
+    return sorted({(right + 1) * frame for _, right in config.encoder.att_context_size})
 
 
 def prompt_modes(
