@@ -18,6 +18,7 @@ Every file is untrusted input: anything wrong raises `CheckpointError`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,3 +138,36 @@ def validate_checkpoint(checkpoint: Checkpoint) -> None:
             f"the tokenizer has {pieces} pieces but the decoder vocabulary has "
             f"{checkpoint.config.decoder.vocab_size}"
         )
+
+
+def read_checkpoint(
+    path: str | os.PathLike,
+    reader: Callable[[Path], Checkpoint],
+    errors: tuple[type[BaseException], ...] = (OSError,),
+    what: str = "",
+) -> Checkpoint:
+    """Run one layout's reader and validate its result; every failure names the path.
+
+    Args:
+        reader: reads the checkpoint at a path (raising CheckpointError or `errors`).
+        errors: further exceptions that mean the file is unreadable.
+        what: prefix for those, e.g. "not a readable .nemo archive: ".
+    """
+    path = Path(path)
+    try:
+        checkpoint = reader(path)
+        validate_checkpoint(checkpoint)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot load {path}: {e}") from e
+    except errors as e:
+        raise CheckpointError(f"cannot load {path}: {what}{e}") from e
+    return checkpoint
+
+
+def read_bounded(file: Path, limit: int) -> bytes:
+    """A file's bytes, refusing files over `limit` without reading them whole."""
+    with open(file, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise CheckpointError(f"{file.name} is over the {limit}-byte limit")
+    return data

@@ -30,7 +30,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from caster.checkpoint import Checkpoint, CheckpointError, validate_checkpoint
+from caster.checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from caster.checkpoint.hf_tokenizer import _REQUIRED, _field, _read_json, tokenizer_model
 from caster.config import ConfigError, ModelConfig
 
@@ -118,15 +118,7 @@ def load_hf(path: str | os.PathLike) -> Checkpoint:
             malformed file, an unsupported model, an unknown tensor name, a
             missing tensor or a tensor of the wrong shape.
     """
-    path = Path(path)
-    try:
-        checkpoint = _read_dir(path)
-        validate_checkpoint(checkpoint)
-    except CheckpointError as e:
-        raise CheckpointError(f"cannot load {path}: {e}") from e
-    except OSError as e:
-        raise CheckpointError(f"cannot load {path}: {e}") from e
-    return checkpoint
+    return read_checkpoint(path, _read_dir)
 
 
 def _read_dir(path: Path) -> Checkpoint:

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from caster.checkpoint import CheckpointError
+from caster.checkpoint import CheckpointError, read_bounded
 from caster.sentencepiece_proto import (
     BPE,
     BYTE,
@@ -76,7 +76,7 @@ def _field(
 
 def _read_json(file: Path, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
     try:
-        data: Any = json.loads(_read_bounded(file, limit))
+        data: Any = json.loads(read_bounded(file, limit))
     except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{file.name} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
@@ -84,18 +84,10 @@ def _read_json(file: Path, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
     return data
 
 
-def _read_bounded(file: Path, limit: int) -> bytes:
-    with open(file, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise CheckpointError(f"{file.name} is over the {limit}-byte limit")
-    return data
-
-
 def tokenizer_model(path: Path, vocab_size: int) -> bytes:
     """The SentencePiece model: `tokenizer.model` as it is, else rebuilt from `tokenizer.json`."""
     if (path / SENTENCEPIECE_FILE).is_file():
-        return _read_bounded(path / SENTENCEPIECE_FILE, MAX_TOKENIZER_BYTES)
+        return read_bounded(path / SENTENCEPIECE_FILE, MAX_TOKENIZER_BYTES)
     if not (path / TOKENIZER_JSON_FILE).is_file():
         raise CheckpointError(
             f"no tokenizer: neither {SENTENCEPIECE_FILE} nor {TOKENIZER_JSON_FILE}"

@@ -21,7 +21,13 @@ import safetensors
 import safetensors.torch
 import torch
 
-from caster.checkpoint import Checkpoint, CheckpointError, validate_checkpoint
+from caster.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    read_bounded,
+    read_checkpoint,
+    validate_checkpoint,
+)
 from caster.config import ModelConfig
 
 FORMAT = "caster"
@@ -78,15 +84,7 @@ def load_native(path: str | os.PathLike) -> Checkpoint:
             file, an unknown format or version, a malformed config or corrupt
             weights.
     """
-    path = Path(path)
-    try:
-        checkpoint = _read_dir(path)
-        validate_checkpoint(checkpoint)
-    except CheckpointError as e:
-        raise CheckpointError(f"cannot load {path}: {e}") from e
-    except OSError as e:
-        raise CheckpointError(f"cannot load {path}: {e}") from e
-    return checkpoint
+    return read_checkpoint(path, _read_dir)
 
 
 def _storable(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -110,7 +108,7 @@ def _storable(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _read_dir(path: Path) -> Checkpoint:
     config = _read_meta(path / META_FILE)
-    tokenizer = _read_bounded(path / TOKENIZER_FILE, MAX_TOKENIZER_BYTES)
+    tokenizer = read_bounded(path / TOKENIZER_FILE, MAX_TOKENIZER_BYTES)
     try:
         # load_file memory-maps the file: no pickle, no intermediate copy.
         state_dict = safetensors.torch.load_file(path / WEIGHTS_FILE, device="cpu")
@@ -121,7 +119,7 @@ def _read_dir(path: Path) -> Checkpoint:
 
 def _read_meta(meta_path: Path) -> ModelConfig:
     try:
-        meta: Any = json.loads(_read_bounded(meta_path, MAX_META_BYTES))
+        meta: Any = json.loads(read_bounded(meta_path, MAX_META_BYTES))
     except ValueError as e:
         raise CheckpointError(f"{META_FILE} is not valid JSON: {e}") from e
     if not isinstance(meta, dict):
@@ -141,11 +139,3 @@ def _read_meta(meta_path: Path) -> ModelConfig:
     except ValueError as e:
         # ConfigError, or a ValueError from building the dataclasses.
         raise CheckpointError(f"{META_FILE} has a malformed config: {e}") from e
-
-
-def _read_bounded(file: Path, limit: int) -> bytes:
-    with open(file, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise CheckpointError(f"{file.name} is over the {limit}-byte limit")
-    return data

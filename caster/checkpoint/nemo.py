@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import yaml
 
-from caster.checkpoint import Checkpoint, CheckpointError, validate_checkpoint
+from caster.checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from caster.config import ConfigError, ModelConfig
 
 CONFIG_MEMBER = "model_config.yaml"
@@ -80,15 +80,12 @@ def load_nemo(path: str | os.PathLike) -> Checkpoint:
         CheckpointError: naming the file and the reason, for an unreadable,
             truncated, unsafe or unsupported archive.
     """
-    path = Path(path)
-    try:
-        checkpoint = _read_archive(path)
-        validate_checkpoint(checkpoint)
-    except CheckpointError as e:
-        raise CheckpointError(f"cannot load {path}: {e}") from e
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise CheckpointError(f"cannot load {path}: not a readable .nemo archive: {e}") from e
-    return checkpoint
+    return read_checkpoint(
+        path,
+        _read_archive,
+        (tarfile.TarError, OSError, EOFError, zlib.error),
+        "not a readable .nemo archive: ",
+    )
 
 
 def _is_gzip(path: Path) -> bool:
