@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from caster.state import select_state
 from caster.transducer import PredictorState, Transducer
 
 
@@ -32,10 +33,9 @@ class Hypothesis:
 
 
 def initial_decoder_state(model: Transducer, batch: int) -> DecoderState:
-    device = model.joint.pred.weight.device
     return DecoderState(
         predictor=model.initial_predictor_state(batch),
-        frames=torch.zeros(batch, dtype=torch.long, device=device),
+        frames=torch.zeros(batch, dtype=torch.long, device=model.device),
     )
 
 
@@ -51,6 +51,9 @@ def greedy_decode(
     Decoding chunk by chunk with the returned state equals decoding the whole
     sequence at once, since the loop never looks past the current frame.
 
+    The joint's output layer (V+1 wide) runs only for the streams still
+    decoding, and the prediction network only for those that emitted.
+
     Args:
         encoded: (B, T, D) encoder output after the language prompt.
         lengths: (B,) valid frames per stream.
@@ -61,33 +64,53 @@ def greedy_decode(
     cfg = model.cfg.decoder
     batch, t_max = encoded.shape[:2]
     device = encoded.device
-    rows = torch.arange(batch, device=device)
     enc = model.joint.enc(encoded)  # (B, T, J)
     predictor = state.predictor
+    start_frames = state.frames.tolist()
     t = torch.zeros(batch, dtype=torch.long, device=device)
     emitted_here = torch.zeros(batch, dtype=torch.long, device=device)
     active = t < lengths
     hyps = [Hypothesis([], [], []) for _ in range(batch)]
-    while bool(active.any()):
-        frame = enc[rows, t.clamp(max=t_max - 1)]  # (B, J)
-        log_probs = torch.log_softmax(model.joint.joint_net(frame + predictor.output).float(), -1)
-        score, label = log_probs.max(dim=-1)  # (B,)
-        emit = active & (label != cfg.blank_id)
-        if bool(emit.any()):
-            for b in torch.nonzero(emit).squeeze(1).tolist():
-                hyps[b].token_ids.append(int(label[b]))
-                hyps[b].frames.append(int(state.frames[b] + t[b]))
-                hyps[b].scores.append(float(score[b]))
-            advanced = model.predict(torch.where(emit, label, cfg.blank_id), predictor)
-            keep = emit[:, None]
-            predictor = PredictorState(
-                h=torch.where(keep[..., None], advanced.h, predictor.h),
-                c=torch.where(keep[..., None], advanced.c, predictor.c),
-                output=torch.where(keep, advanced.output, predictor.output),
-            )
+    while (rows := torch.nonzero(active).squeeze(1)).numel() > 0:
+        every = rows.numel() == batch
+        frame = enc[rows, t[rows].clamp(max=t_max - 1)]  # (A, J)
+        output = predictor.output if every else predictor.output[rows]  # (A, J)
+        log_probs = torch.log_softmax(model.joint.joint_net(frame + output).float(), -1)
+        row_score, row_label = log_probs.max(dim=-1)  # (A,)
+        label = torch.full((batch,), cfg.blank_id, dtype=torch.long, device=device)
+        label[rows] = row_label  # inactive streams read as blank: they emit nothing
+        emit = label != cfg.blank_id  # (B,)
+        emitters = torch.nonzero(emit).squeeze(1)
+        if emitters.numel() > 0:
+            emit_rows = emit[rows]
+            for b, token, frame_t, score in zip(
+                emitters.tolist(),
+                row_label[emit_rows].tolist(),
+                t[emitters].tolist(),
+                row_score[emit_rows].tolist(),
+                strict=True,
+            ):
+                hyps[b].token_ids.append(token)
+                hyps[b].frames.append(start_frames[b] + frame_t)
+                hyps[b].scores.append(score)
+            predictor = _advance(model, predictor, label, emitters)
             emitted_here = emitted_here + emit.long()
         next_frame = active & (~emit | (emitted_here >= cfg.max_symbols))
         t = t + next_frame.long()
         emitted_here = torch.where(next_frame, 0, emitted_here)
         active = t < lengths
     return hyps, DecoderState(predictor=predictor, frames=state.frames + lengths)
+
+
+def _advance(
+    model: Transducer, predictor: PredictorState, label: Tensor, rows: Tensor
+) -> PredictorState:
+    """Feed label[rows] to the prediction network of those streams; the others keep theirs."""
+    if rows.numel() == label.shape[0]:
+        return model.predict(label, predictor)
+    advanced = model.predict(label[rows], select_state(predictor, rows))
+    return PredictorState(
+        h=predictor.h.index_copy(0, rows, advanced.h),
+        c=predictor.c.index_copy(0, rows, advanced.c),
+        output=predictor.output.index_copy(0, rows, advanced.output),
+    )

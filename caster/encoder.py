@@ -13,6 +13,7 @@ The encoder is a pure function of (weights, input, state):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -22,9 +23,9 @@ from torch import Tensor, nn
 
 from caster.config import EncoderConfig
 
-# NeMo fills masked attention scores with -10000 (not -inf), then zeroes the
-# probabilities of masked keys, so fully masked (padded) query rows become 0.
-MASK_FILL = -10000.0
+# Position tables for at most this many keys (left + chunk) are shared between
+# calls: streaming sizes, never whole long utterances.
+SHARED_POSITIONS_MAX_KEYS = 256
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,14 @@ def relative_positions(length: int, d_model: int, device: torch.device) -> Tenso
     return pe.unsqueeze(0)
 
 
+@functools.lru_cache(maxsize=8)
+def _shared_relative_positions(
+    length: int, d_model: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """`relative_positions` memoised for streaming steps; callers never modify it."""
+    return relative_positions(length, d_model, device).to(dtype)
+
+
 def attention_context_mask(size: int, context: tuple[int, int], device: torch.device) -> Tensor:
     """(size, size) True where query i may attend to key j (chunked-limited style).
 
@@ -145,6 +154,13 @@ def rel_shift(x: Tensor) -> Tensor:
 
 
 class RelPositionMultiHeadAttention(nn.Module):
+    # Projected position tables kept per layer: streaming steps of one chunk size
+    # all use the same relative positions, so `linear_pos` (a (2K-1) x D x D
+    # product, as costly as the rest of the layer at small chunks) runs once per
+    # size. Bounded in entries and in length (SHARED_POSITIONS_MAX_KEYS); holds
+    # no stream state.
+    POSITION_CACHE_ENTRIES = 4
+
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         d, h = cfg.d_model, cfg.n_heads
@@ -156,6 +172,36 @@ class RelPositionMultiHeadAttention(nn.Module):
         self.linear_pos = nn.Linear(d, d, bias=False)
         self.pos_bias_u = nn.Parameter(torch.zeros(h, cfg.d_head))
         self.pos_bias_v = nn.Parameter(torch.zeros(h, cfg.d_head))
+        self._position_cache: dict[tuple, Tensor] = {}
+
+    def projected_positions(self, pos_emb: Tensor) -> Tensor:
+        """`linear_pos` of `relative_positions(K)` per head, transposed: (H, Dh, 2K-1).
+
+        Cached when no gradient is recorded. The key holds the identity and
+        version of every weight of `linear_pos`, so new or edited weights are
+        never served stale tables (a quantized `linear_pos` has no mutable
+        weights; weights made under inference mode have no version counter, so
+        only their replacement is seen). The cache dict is replaced, never
+        mutated, so concurrent callers need no lock (a race only recomputes).
+        """
+        n, h, dh = pos_emb.shape[1], self.n_heads, self.d_head
+        if torch.is_grad_enabled() or (n + 1) // 2 > SHARED_POSITIONS_MAX_KEYS:
+            return self.linear_pos(pos_emb)[0].view(n, h, dh).permute(1, 2, 0)
+        weights = tuple(
+            (p.data_ptr(), None if p.is_inference() else p._version)
+            for p in self.linear_pos.parameters()
+        )
+        key = (n, pos_emb.dtype, pos_emb.device, weights)
+        cache = self._position_cache
+        table = cache.get(key)
+        if table is None:
+            table = self.linear_pos(pos_emb)[0].view(n, h, dh).permute(1, 2, 0).contiguous()
+        elif next(reversed(cache)) == key:
+            return table
+        # Least recently used first; the newest entry last.
+        entries = [(k, v) for k, v in cache.items() if k != key]
+        self._position_cache = dict([*entries[-(self.POSITION_CACHE_ENTRIES - 1) :], (key, table)])
+        return table
 
     def forward(self, query: Tensor, keys: Tensor, pos_emb: Tensor, mask: Tensor) -> Tensor:
         """Attend from this chunk's frames to [cache; chunk].
@@ -163,23 +209,33 @@ class RelPositionMultiHeadAttention(nn.Module):
         Args:
             query: (B, T, D) normalised frames of this chunk.
             keys: (B, K, D) normalised cached frames followed by `query` (K = cache + T).
-            pos_emb: (1, 2K-1, D) sinusoids for distances K-1 ... -(K-1).
+            pos_emb: (1, 2K-1, D) `relative_positions(K)`: distances K-1 ... -(K-1).
             mask: (B, T, K) True where a key is hidden from a query.
         """
         b, t, _ = query.shape
         k_len, h, dh = keys.shape[1], self.n_heads, self.d_head
-        q = self.linear_q(query).view(b, t, h, dh)  # (B, T, H, Dh)
+        q = self.linear_q(query).view(b, t, h, dh).transpose(1, 2)  # (B, H, T, Dh)
         k = self.linear_k(keys).view(b, k_len, h, dh).transpose(1, 2)  # (B, H, K, Dh)
         v = self.linear_v(keys).view(b, k_len, h, dh).transpose(1, 2)  # (B, H, K, Dh)
-        p = self.linear_pos(pos_emb).view(1, -1, h, dh).transpose(1, 2)  # (1, H, 2K-1, Dh)
-        content = (q + self.pos_bias_u).transpose(1, 2) @ k.transpose(-2, -1)  # (B, H, T, K)
-        position = (q + self.pos_bias_v).transpose(1, 2) @ p.transpose(-2, -1)  # (B, H, T, 2K-1)
+        p = self.projected_positions(pos_emb)  # (H, Dh, 2K-1)
+        position = (q + self.pos_bias_v[:, None]) @ p  # (B, H, T, 2K-1)
         position = rel_shift(position)[..., :k_len]  # (B, H, T, K)
-        scores = (content + position) / math.sqrt(dh)
+        scale = 1.0 / math.sqrt(dh)
         hidden = mask[:, None]  # (B, 1, T, K)
-        attn = torch.softmax(scores.masked_fill(hidden, MASK_FILL), dim=-1).masked_fill(hidden, 0.0)
-        attn = F.dropout(attn, self.dropout, self.training)
-        out = (attn @ v).transpose(1, 2).reshape(b, t, h * dh)  # (B, T, D)
+        # NeMo replaces hidden scores by -10000 before the softmax: exp of that
+        # underflows to exactly 0 next to any visible score, as -inf does here.
+        # Rows with no visible key are zeroed below, as NeMo's second masked_fill does.
+        bias = (position * scale).masked_fill(hidden, float("-inf"))
+        out = F.scaled_dot_product_attention(
+            q + self.pos_bias_u[:, None],
+            k,
+            v,
+            attn_mask=bias,
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=scale,
+        )  # (B, H, T, Dh)
+        out = out.masked_fill(hidden.all(dim=-1, keepdim=True), 0.0)
+        out = out.transpose(1, 2).reshape(b, t, h * dh)  # (B, T, D)
         return self.linear_out(out)
 
 
@@ -196,6 +252,29 @@ class ConformerFeedForward(nn.Module):
         return self.linear2(x)
 
 
+class PointwiseConv1d(nn.Module):
+    """A kernel-1 Conv1d applied as a linear layer on (B, T, C) frames.
+
+    The weight keeps Conv1d's (out, in, 1) shape, so NeMo's state_dict keys and
+    shapes load unchanged; working batch-time-channel saves two transposes per
+    layer, and `caster.quantize` can swap it for an int8 linear.
+    """
+
+    def __init__(self, channels_in: int, channels_out: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels_out, channels_in, 1))
+        self.bias = nn.Parameter(torch.empty(channels_out)) if bias else None
+        # Conv1d's default initialisation (fan_in = channels_in for a kernel of 1).
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(channels_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, T, C_in) -> (B, T, C_out)."""
+        return F.linear(x, self.weight[..., 0], self.bias)
+
+
 class ConformerConvolution(nn.Module):
     """Pointwise conv + GLU, causal depthwise conv (with history), norm, Swish, pointwise."""
 
@@ -203,13 +282,13 @@ class ConformerConvolution(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.history = cfg.conv_cache_size
-        self.pointwise_conv1 = nn.Conv1d(d, 2 * d, 1, bias=cfg.use_bias)
+        self.pointwise_conv1 = PointwiseConv1d(d, 2 * d, bias=cfg.use_bias)
         self.depthwise_conv = nn.Conv1d(d, d, cfg.conv_kernel_size, groups=d, bias=cfg.use_bias)
         # NeMo names the norm `batch_norm` whatever its type.
         self.batch_norm = (
             nn.LayerNorm(d) if cfg.conv_norm_type == "layer_norm" else nn.BatchNorm1d(d)
         )
-        self.pointwise_conv2 = nn.Conv1d(d, d, 1, bias=cfg.use_bias)
+        self.pointwise_conv2 = PointwiseConv1d(d, d, bias=cfg.use_bias)
 
     def forward(self, x: Tensor, pad_mask: Tensor, history: Tensor | None) -> tuple[Tensor, Tensor]:
         """x: (B, T, D); pad_mask: (B, T) True on padding; history: (B, D, k-1) or None (zeros).
@@ -217,18 +296,17 @@ class ConformerConvolution(nn.Module):
         Returns the output (B, T, D) and the depthwise input with its history
         (B, D, k-1+T), from which the caller takes the next history.
         """
-        x = F.glu(self.pointwise_conv1(x.transpose(1, 2)), dim=1)  # (B, D, T)
-        x = x.masked_fill(pad_mask[:, None, :], 0.0)
+        x = F.glu(self.pointwise_conv1(x), dim=-1)  # (B, T, D)
+        x = x.masked_fill(pad_mask[..., None], 0.0).transpose(1, 2)  # (B, D, T)
         if history is None:
             history = x.new_zeros(x.shape[0], x.shape[1], self.history)
         conv_in = torch.cat([history, x], dim=2)  # (B, D, k-1+T)
         x = self.depthwise_conv(conv_in)  # (B, D, T)
         if isinstance(self.batch_norm, nn.LayerNorm):
-            x = self.batch_norm(x.transpose(1, 2)).transpose(1, 2)  # norm over channels
+            x = self.batch_norm(x.transpose(1, 2))  # (B, T, D): norm over channels
         else:
-            x = self.batch_norm(x)
-        x = self.pointwise_conv2(F.silu(x))
-        return x.transpose(1, 2), conv_in
+            x = self.batch_norm(x).transpose(1, 2)  # (B, T, D)
+        return self.pointwise_conv2(F.silu(x)), conv_in
 
 
 class ConformerLayer(nn.Module):
@@ -283,6 +361,16 @@ class ConformerEncoder(nn.Module):
     def output_length(self, mel_lengths: Tensor) -> Tensor:
         return subsampled_length(mel_lengths, self.cfg.num_subsampling_stages)
 
+    def _positions(self, length: int, x: Tensor) -> Tensor:
+        """`relative_positions(length)` in x's dtype, shared between calls of one size.
+
+        Only when no gradient is recorded (a shared tensor made under inference
+        mode cannot enter autograd) and for streaming-sized lengths.
+        """
+        if torch.is_grad_enabled() or length > SHARED_POSITIONS_MAX_KEYS:
+            return relative_positions(length, self.cfg.d_model, x.device).to(x.dtype)
+        return _shared_relative_positions(length, self.cfg.d_model, x.device, x.dtype)
+
     def _embed(self, x: Tensor) -> Tensor:
         if self.cfg.xscaling:
             x = x * math.sqrt(self.cfg.d_model)
@@ -303,7 +391,7 @@ class ConformerEncoder(nn.Module):
         x, lengths = self.pre_encode(mel.transpose(1, 2), lengths)  # (B, T', D)
         x = self._embed(x)
         t = x.shape[1]
-        pos_emb = relative_positions(t, self.cfg.d_model, x.device).to(x.dtype)
+        pos_emb = self._positions(t, x)
         valid = _time_mask(lengths, t)  # (B, T')
         visible = (
             attention_context_mask(t, context, x.device)[None] & valid[:, None] & valid[..., None]
@@ -395,7 +483,7 @@ class ConformerEncoder(nn.Module):
         x, x_len, mel, mel_len = self._subsample_step(chunk, lengths, cache)
         x = self._embed(x)
         t = x.shape[1]
-        pos_emb = relative_positions(left + t, self.cfg.d_model, x.device).to(x.dtype)
+        pos_emb = self._positions(left + t, x)
         # Unfilled cache slots sit at the front (the cache is right-aligned).
         pos = torch.arange(left + t, device=x.device)
         valid = (pos[None] >= (left - cache.attention_len)[:, None]) & (
@@ -408,13 +496,19 @@ class ConformerEncoder(nn.Module):
         )
         att_mask, pad_mask = ~visible[:, left:], ~valid[:, left:]  # queries: this chunk only
         history = self.cfg.conv_cache_size
+        # Usually every stream fills the chunk: the new caches are then plain slices.
+        full = bool((x_len == t).all())
         attention, conv = [], []
         for i, layer in enumerate(self.layers):
             x, keys, conv_in = layer(
                 x, pos_emb, att_mask, pad_mask, cache.attention[:, i], cache.conv[:, i]
             )
-            attention.append(_tail(keys, left + x_len, left, dim=1))
-            conv.append(_tail(conv_in, history + x_len, history, dim=2))
+            if full:
+                attention.append(keys[:, t:])  # (B, left, D)
+                conv.append(conv_in[:, :, t:])  # (B, D, k-1)
+            else:
+                attention.append(_tail(keys, left + x_len, left, dim=1))
+                conv.append(_tail(conv_in, history + x_len, history, dim=2))
         new_cache = EncoderCache(
             mel=mel,
             mel_len=mel_len,

@@ -126,9 +126,14 @@ class Transducer(nn.Module):
         out = hidden @ second.weight.float().T + second.bias.float()  # (B, T, D)
         return out.to(encoded.dtype)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (read from the embedding, which is never quantized)."""
+        return self.decoder.prediction.embed.weight.device
+
     def initial_predictor_state(self, batch: int) -> PredictorState:
         """The start-of-sequence state: the LSTM run once on blank from zeros."""
-        device = self.joint.pred.weight.device
+        device = self.device
         blank = torch.full((batch, 1), self.cfg.decoder.blank_id, dtype=torch.long, device=device)
         out, (h, c) = self.decoder(blank)
         return PredictorState(
