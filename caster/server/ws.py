@@ -21,6 +21,7 @@ import secrets
 import time
 from typing import Any, Protocol
 
+import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from caster.engine import EngineError, StreamHandle
@@ -280,6 +281,12 @@ class Session:
         """End the engine stream and wait until its last results are sent."""
         if self.handle is None or self._sender is None:
             return
+        # The resampler's last samples (a partial sample at the end is dropped).
+        with contextlib.suppress(EngineError, LookupError, ProtocolError):
+            tail = self.decoder.decode(b"", last=True) if self.decoder else np.zeros(0)
+            if len(tail):
+                await asyncio.to_thread(self.handle.feed, tail)
+                self.fed += len(tail) / self.hub.sample_rate
         with contextlib.suppress(EngineError, LookupError):
             await asyncio.to_thread(self.handle.end)
         with contextlib.suppress(Exception):
