@@ -34,6 +34,8 @@ if kind == "naive":
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 else:
     import caster
+    from caster.checkpoint import load_checkpoint
+    from caster.train.export import export_nemo
     model = caster.load(path)
     net = model.net
 # touch every weight so lazily mapped pages count
@@ -61,6 +63,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import caster
+    from caster.checkpoint import load_checkpoint
+    from caster.train.export import export_nemo
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -68,10 +72,13 @@ def main() -> None:
         model = caster.load(f"preset:{args.preset}")
         build_s = time.perf_counter() - t
         model.save(tmp / "caster")
+        checkpoint = load_checkpoint(tmp / "caster")
+        export_nemo(checkpoint, tmp / "model.nemo")  # NVIDIA's layout, as the released files
         torch.save(model.net.state_dict(), tmp / "naive.pt")
-        del model
+        del model, checkpoint
         results = {
             "naive torch.load + load_state_dict": measure("naive", tmp / "naive.pt", args.preset),
+            "caster.load (.nemo)": measure("caster", tmp / "model.nemo", args.preset),
             "caster.load (caster format)": measure("caster", tmp / "caster", args.preset),
         }
     base = results["naive torch.load + load_state_dict"]

@@ -486,11 +486,16 @@ def _add_model_arguments(parser: argparse.ArgumentParser, language_note: str) ->
     parser.add_argument(
         "--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default: cpu)"
     )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="CPU fast path: int8 weights for the large layers (accuracy cost in bench/results)",
+    )
 
 
 def _load_model(args: argparse.Namespace) -> Model | None:
     try:
-        return caster.load(args.model, device=args.device)
+        return caster.load(args.model, device=args.device, int8=args.int8)
     except (ValueError, OSError, RuntimeError) as e:  # bad file, bad device
         print(f"caster: cannot load {args.model}: {e}", file=sys.stderr)
         return None

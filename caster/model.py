@@ -165,14 +165,24 @@ class Model:
 PRESET_PREFIX = "preset:"
 
 
-def load(path: str | os.PathLike, device: torch.device | str = "cpu") -> Model:
+def load(
+    path: str | os.PathLike, device: torch.device | str = "cpu", *, int8: bool = False
+) -> Model:
     """Load a `.nemo` file, a Hugging Face directory or a caster directory.
 
     `preset:<name>` builds a released model's architecture with random weights
     (see `caster.presets`), for tests and benchmarks without a download.
+    `int8=True` gives the CPU fast path: int8 weights for the large linear layers
+    and the LSTM (`caster.quantize`; its accuracy cost is in bench/results).
     """
     if isinstance(path, str) and path.startswith(PRESET_PREFIX):
         from caster.presets import random_checkpoint
 
-        return Model(random_checkpoint(path[len(PRESET_PREFIX) :]), device)
-    return Model(load_checkpoint(path), device)
+        model = Model(random_checkpoint(path[len(PRESET_PREFIX) :]), device)
+    else:
+        model = Model(load_checkpoint(path), device)
+    if int8:
+        from caster.quantize import quantize_model  # it imports this module
+
+        model = quantize_model(model)
+    return model

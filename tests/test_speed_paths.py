@@ -190,3 +190,22 @@ def test_quantized_fixture_model_agrees_with_float(prompt_model, oracle):
     got = stream.finish()
     same = sum(x == y for x, y in zip(want.token_ids, got.token_ids, strict=False))
     assert same >= 0.8 * len(want.token_ids)
+
+
+def test_load_int8_and_cli_flag(oracle, tmp_path, capsys):
+    """`caster.load(..., int8=True)` and `--int8` give the quantized network, tokens intact."""
+    import soundfile
+
+    from caster.cli import main
+
+    path = nemo_path(PROMPT_MODEL)
+    model = caster.load(path, int8=True)
+    assert any(isinstance(m, Int8Linear) for m in model.net.modules())
+    audio = oracle["inputs/wave_a"]
+    want = caster.load(path).transcribe(audio, language="en-US")
+    assert model.transcribe(audio, language="en-US").text == want.text
+    wav = tmp_path / "a.wav"
+    soundfile.write(wav, audio, 16000, subtype="FLOAT")
+    args = ["transcribe", "--model", str(path), "--int8", "--language", "en-US", str(wav)]
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip() == want.text

@@ -41,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a .nemo file, Hugging Face or caster directory, or preset:<name> (env CASTER_MODEL)",
     )
     option("--device", str, "cpu", "torch device of the model")
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        default=env("CASTER_INT8", "") not in ("", "0", "false"),
+        help="CPU fast path: int8 weights for the large layers (env CASTER_INT8=1)",
+    )
     option("--host", str, "127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     option("--port", int, 8000, "TCP port")
     parser.add_argument(
@@ -138,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
     settings = settings_from_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
-    model = caster.load(args.model, args.device)
+    model = caster.load(args.model, args.device, int8=args.int8)
     app = create_app(model, settings)
     server = make_server(
         app,
