@@ -145,9 +145,9 @@ def add_transcribe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-seconds",
         type=float,
-        default=600.0,
+        default=None,
         metavar="S",
-        help="padded audio per offline batch (default: %(default)s)",
+        help="padded audio per offline batch (default: 600 on a GPU, 30 on a CPU)",
     )
     parser.add_argument(
         "--long-audio-seconds",

@@ -105,7 +105,7 @@ def transcribe_many(
     language: str | None = None,
     chunk_ms: int | None = None,
     *,
-    batch_seconds: float = 600.0,
+    batch_seconds: float | None = None,
     long_audio_seconds: float = 120.0,
     step_seconds: float = 30.0,
     window_seconds: float = 3600.0,
@@ -122,6 +122,9 @@ def transcribe_many(
             `Model.transcribe`).
         chunk_ms: latency whose attention context to use (None: the model's default).
         batch_seconds: most padded audio in one offline batch (items x longest).
+            None: 600 s on a GPU; 30 s on a CPU, where a batch costs each item
+            more than running it alone (bench/results/cpu_engine.md), so only
+            short recordings of similar length share one.
         long_audio_seconds: recordings longer than this take the streaming path.
         step_seconds: audio per streaming step of the long path.
         window_seconds: audio read ahead and sorted together (at least one input).
@@ -134,6 +137,8 @@ def transcribe_many(
     """
     default_prompt = model.prompt_index(language)
     context = model.config.context_for_chunk_ms(chunk_ms)
+    if batch_seconds is None:
+        batch_seconds = 600.0 if model.device.type == "cuda" else 30.0
     for name, value in (
         ("batch_seconds", batch_seconds),
         ("long_audio_seconds", long_audio_seconds),
