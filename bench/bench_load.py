@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 t0 = time.perf_counter()
 import torch
 kind, path = sys.argv[1], sys.argv[2]
@@ -41,7 +41,9 @@ else:
 # touch every weight so lazily mapped pages count
 total = sum(float(p.detach().reshape(-1)[:: 4096].sum()) for p in net.parameters())
 t2 = time.perf_counter()
-peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# VmHWM is this program's own peak; ru_maxrss would also count the parent's peak at fork.
+status = open("/proc/self/status").read()
+peak_kb = int(status.split("VmHWM:")[1].split()[0])
 print(json.dumps({"seconds": t2 - t1, "peak_rss_mb": peak_kb / 1024, "import_s": t1 - t0}))
 """
 
