@@ -20,6 +20,7 @@ from caster.audio import as_audio
 from caster.decoding import DecoderState, Hypothesis, greedy_decode, initial_decoder_state
 from caster.encoder import EncoderCache
 from caster.mel import MelState, mel_flush, mel_step
+from caster.tokenizer import Tokenizer
 from caster.transducer import Transducer
 
 if TYPE_CHECKING:
@@ -74,6 +75,54 @@ class _Progress:
         self.scores += hyp.scores
 
 
+class _IncrementalText:
+    """A growing hypothesis's text without re-decoding all of it for every event.
+
+    Tokens before a committed word boundary are decoded once. A boundary is
+    committed only where decoding the two sides apart and joining them with
+    one space gives exactly the whole decode (checked when committing), so
+    interim texts equal `Tokenizer.decode`; the final transcript is decoded
+    whole in any case.
+    """
+
+    COMMIT_EVERY = 256  # tokens
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._done = 0  # tokens decoded into `_prefix`
+        self._prefix = ""
+        self._tags: list[str] = []
+
+    def _decode(self, ids: list[int]) -> tuple[str, list[str]]:
+        return self._tokenizer.split_language_tags(self._tokenizer.decode(ids))
+
+    def _join(self, tail: str) -> str:
+        return f"{self._prefix} {tail}" if self._prefix and tail else self._prefix or tail
+
+    def update(self, ids: list[int]) -> tuple[str, list[str]]:
+        """The text of `ids` (which extend the previous call's) and its language tags."""
+        tail, tail_tags = self._decode(ids[self._done :])
+        if len(ids) - self._done >= 2 * self.COMMIT_EVERY:
+            self._commit(ids, len(ids) - self.COMMIT_EVERY)
+            tail, tail_tags = self._decode(ids[self._done :])
+        return self._join(tail), self._tags + tail_tags
+
+    def _commit(self, ids: list[int], before: int) -> None:
+        pieces = self._tokenizer.pieces
+        for k in range(before, self._done, -1):
+            if not pieces[ids[k]].startswith("▁") or not pieces[ids[k]].strip("▁").isalnum():
+                continue
+            head, head_tags = self._decode(ids[self._done : k])
+            tail, _ = self._decode(ids[k:])
+            prefix = f"{self._prefix} {head}" if self._prefix and head else self._prefix or head
+            whole, _ = self._decode(ids)
+            joined = f"{prefix} {tail}" if prefix and tail else prefix or tail
+            if joined == whole:
+                self._done, self._prefix = k, prefix
+                self._tags += head_tags
+            return  # one attempt per call keeps the cost bounded
+
+
 class Stream:
     """One live audio stream at a fixed latency (chunk size) and language.
 
@@ -93,6 +142,7 @@ class Stream:
         self._decoder_state = initial_decoder_state(net, 1)
         self._first_chunk = True
         self._progress = _Progress()
+        self._text = _IncrementalText(model.tokenizer)
         self._finished = False
 
     @property
@@ -154,10 +204,9 @@ class Stream:
         self._progress.extend(hyps[0])
 
     def _event(self, is_final: bool) -> StreamEvent:
-        t = self._model.make_transcript(
-            self._progress.token_ids,
-            self._progress.frames,
-            self._progress.scores,
-            self._prompt_index,
-        )
-        return StreamEvent(t.text, t.token_ids, t.language, is_final)
+        ids = self._progress.token_ids
+        text, tags = self._text.update(ids)
+        language = self._model.make_transcript([], [], [], self._prompt_index).language
+        if self._prompt is not None and language is None and tags:  # auto: the model's tag
+            language = tags[-1]
+        return StreamEvent(text, list(ids), language, is_final)

@@ -343,3 +343,20 @@ def test_waveform_to_encoder_matches_nemo(model, oracle):
             out, _ = model.net.encoder(mel, mel_len, context)
             ref = oracle[f"{model.name}/{wave}/{tag(context)}/offline/encoded"]
             assert max_err(out[0], ref) <= TOL, (wave, context)
+
+
+def test_stream_event_text_is_incremental_and_exact(model, monkeypatch):
+    """Interim texts decode only the recent tokens yet equal the whole decode at every event."""
+    from caster.streaming import _IncrementalText
+
+    monkeypatch.setattr(_IncrementalText, "COMMIT_EVERY", 8)
+    tokenizer = model.tokenizer
+    text = _IncrementalText(tokenizer)
+    rng = np.random.default_rng(5)
+    ids: list[int] = []
+    for _ in range(150):
+        ids += rng.integers(0, tokenizer.vocab_size, size=int(rng.integers(1, 6))).tolist()
+        got, tags = text.update(ids)
+        want, want_tags = tokenizer.split_language_tags(tokenizer.decode(ids))
+        assert (got, tags) == (want, want_tags)
+    assert text._done > 0  # it did commit prefixes
