@@ -154,12 +154,15 @@ class Model:
         prompt: int | None,
     ) -> Transcript:
         text, tags = self.tokenizer.split_language_tags(self.tokenizer.decode(token_ids))
-        language = None
-        if prompt is not None:
-            language = canonical_locale(prompt, self.config.prompt)
-            if language is None and tags:  # auto mode: what the model said
-                language = tags[-1]
+        language = self.language_of(prompt, tags)
         return Transcript(text, list(token_ids), language, list(frames), list(logprobs))
+
+    def language_of(self, prompt: int | None, tags: list[str]) -> str | None:
+        """The locale asked for, or in `auto` mode the last language tag the model emitted."""
+        if prompt is None:
+            return None
+        language = canonical_locale(prompt, self.config.prompt)
+        return tags[-1] if language is None and tags else language
 
 
 PRESET_PREFIX = "preset:"

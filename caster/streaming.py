@@ -206,7 +206,5 @@ class Stream:
     def _event(self, is_final: bool) -> StreamEvent:
         ids = self._progress.token_ids
         text, tags = self._text.update(ids)
-        language = self._model.make_transcript([], [], [], self._prompt_index).language
-        if self._prompt is not None and language is None and tags:  # auto: the model's tag
-            language = tags[-1]
+        language = self._model.language_of(self._prompt_index, tags)
         return StreamEvent(text, list(ids), language, is_final)
