@@ -104,8 +104,8 @@ def set_blank_shift(model: Model, quantized: Model, shift: float, original: floa
     quantized.net.joint.joint_net[2] = Int8Linear.from_float(layer)
 
 
-def silence_labels(model: Model, quantized: Model) -> None:
-    """Make blank win on every frame, in the float model and the int8 copy.
+def silence_labels(model: Model, quantized: Model | None = None) -> None:
+    """Make blank win on every frame, in the float model and its int8 copy (if given).
 
     Random weights emit either nothing or `max_symbols` labels on a frame, and
     no bias shift gives a speech-like rate in between; so the speed runs emit
@@ -115,7 +115,8 @@ def silence_labels(model: Model, quantized: Model) -> None:
     layer = model.net.joint.joint_net[2]
     with torch.no_grad():
         layer.bias[model.config.decoder.blank_id] += 1000.0
-    quantized.net.joint.joint_net[2] = Int8Linear.from_float(layer)
+    if quantized is not None:
+        quantized.net.joint.joint_net[2] = Int8Linear.from_float(layer)
 
 
 def label_cost(model: Model, repeats: int = 100) -> float:
@@ -368,14 +369,15 @@ def agreement(ref: list[int], hyp: list[int]) -> float:
 
 
 def encoder_error(model: Model, quantized: Model, audio: np.ndarray, chunk_ms: int) -> float:
-    """||enc_int8 - enc_fp32|| / ||enc_fp32|| on the offline encoder at chunk_ms's context."""
+    """||enc_other - enc_fp32|| / ||enc_fp32|| on the offline encoder at chunk_ms's context,
+    `quantized` being the int8 copy or a half-precision model (on the same device)."""
     context = model.config.context_for_chunk_ms(chunk_ms)
     with torch.inference_mode():
-        x = torch.from_numpy(audio)[None]
-        mel, mel_len = model.net.preprocessor(x, torch.tensor([x.shape[1]]))
+        x = torch.from_numpy(audio)[None].to(model.device)
+        mel, mel_len = model.net.preprocessor(x, torch.tensor([x.shape[1]], device=model.device))
         a, _ = model.net.encoder(mel, mel_len, context)
         b, _ = quantized.net.encoder(mel, mel_len, context)
-    return float((b - a).norm() / a.norm())
+    return float((b.float() - a).norm() / a.norm())
 
 
 def fixture_accuracy() -> list[dict]:

@@ -491,11 +491,18 @@ def _add_model_arguments(parser: argparse.ArgumentParser, language_note: str) ->
         action="store_true",
         help="CPU fast path: int8 weights for the large layers (accuracy cost in bench/results)",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bf16", "fp16"],
+        default="float32",
+        help="GPU fast path: run the encoder and prediction network in bf16 or fp16 "
+        "(mel, prompt and joint stay float32; accuracy cost in bench/results)",
+    )
 
 
 def _load_model(args: argparse.Namespace) -> Model | None:
     try:
-        return caster.load(args.model, device=args.device, int8=args.int8)
+        return caster.load(args.model, device=args.device, int8=args.int8, dtype=args.dtype)
     except (ValueError, OSError, RuntimeError) as e:  # bad file, bad device
         print(f"caster: cannot load {args.model}: {e}", file=sys.stderr)
         return None

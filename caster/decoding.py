@@ -64,7 +64,7 @@ def greedy_decode(
     cfg = model.cfg.decoder
     batch, t_max = encoded.shape[:2]
     device = encoded.device
-    enc = model.joint.enc(encoded)  # (B, T, J)
+    enc = model.joint.enc(encoded.float())  # (B, T, J); the joint is float32 (`set_dtype`)
     predictor = state.predictor
     start_frames = state.frames.tolist()
     t = torch.zeros(batch, dtype=torch.long, device=device)

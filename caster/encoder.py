@@ -9,6 +9,9 @@ The encoder is a pure function of (weights, input, state):
   attention mask of `context`, which is what streaming at that latency computes;
 - `step(mel_chunk, lengths, cache, context)` encodes the next chunk of a batch of
   streams and returns their new `EncoderCache`. The model never stores stream state.
+
+The encoder runs in its weights' dtype (float32, or bf16/fp16 for `caster.load(...,
+dtype=...)`): mel input is cast on entry, and its caches are kept in that dtype.
 """
 
 from __future__ import annotations
@@ -56,6 +59,19 @@ def subsampled_length(lengths: Tensor | int, stages: int) -> Tensor | int:
     if isinstance(lengths, int):
         return out if lengths > 0 else 0
     return torch.where(lengths > 0, out, torch.zeros_like(out))
+
+
+def _shareable(like: Tensor) -> bool:
+    """Whether a table computed for `like` may be shared between calls.
+
+    Not while autograd records (a shared tensor made under inference mode cannot
+    enter autograd), and not while a CUDA graph is being captured: the graph
+    would keep reading a shared table's memory after a cache has dropped it, so
+    tables are computed inside the graph instead.
+    """
+    if torch.is_grad_enabled():
+        return False
+    return not (like.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _time_mask(lengths: Tensor, size: int) -> Tensor:
@@ -177,7 +193,8 @@ class RelPositionMultiHeadAttention(nn.Module):
     def projected_positions(self, pos_emb: Tensor) -> Tensor:
         """`linear_pos` of `relative_positions(K)` per head, transposed: (H, Dh, 2K-1).
 
-        Cached when no gradient is recorded. The key holds the identity and
+        Cached when `_shareable` (no gradient recorded, no CUDA graph being
+        captured). The key holds the identity and
         version of every weight of `linear_pos`, so new or edited weights are
         never served stale tables (a quantized `linear_pos` has no mutable
         weights; weights made under inference mode have no version counter, so
@@ -185,7 +202,7 @@ class RelPositionMultiHeadAttention(nn.Module):
         mutated, so concurrent callers need no lock (a race only recomputes).
         """
         n, h, dh = pos_emb.shape[1], self.n_heads, self.d_head
-        if torch.is_grad_enabled() or (n + 1) // 2 > SHARED_POSITIONS_MAX_KEYS:
+        if not _shareable(pos_emb) or (n + 1) // 2 > SHARED_POSITIONS_MAX_KEYS:
             return self.linear_pos(pos_emb)[0].view(n, h, dh).permute(1, 2, 0)
         weights = tuple(
             (p.data_ptr(), None if p.is_inference() else p._version)
@@ -358,16 +375,25 @@ class ConformerEncoder(nn.Module):
         self.pre_encode = ConvSubsampling(cfg)
         self.layers = nn.ModuleList(ConformerLayer(cfg) for _ in range(cfg.n_layers))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the encoder computes in (read from a layer `caster.quantize` keeps float)."""
+        return self.pre_encode.conv[0].weight.dtype
+
+    @property
+    def mel_cache_frames(self) -> int:
+        """Mel frames a stream's cache holds once full (f+1; see `_subsample_step`)."""
+        return self.cfg.subsampling_factor + 1
+
     def output_length(self, mel_lengths: Tensor) -> Tensor:
         return subsampled_length(mel_lengths, self.cfg.num_subsampling_stages)
 
     def _positions(self, length: int, x: Tensor) -> Tensor:
         """`relative_positions(length)` in x's dtype, shared between calls of one size.
 
-        Only when no gradient is recorded (a shared tensor made under inference
-        mode cannot enter autograd) and for streaming-sized lengths.
+        Only when `_shareable` and for streaming-sized lengths.
         """
-        if torch.is_grad_enabled() or length > SHARED_POSITIONS_MAX_KEYS:
+        if not _shareable(x) or length > SHARED_POSITIONS_MAX_KEYS:
             return relative_positions(length, self.cfg.d_model, x.device).to(x.dtype)
         return _shared_relative_positions(length, self.cfg.d_model, x.device, x.dtype)
 
@@ -388,7 +414,7 @@ class ConformerEncoder(nn.Module):
             (B, T', D) encoder output and (B,) its valid lengths.
         """
         context = context or self.cfg.att_context_size[0]
-        x, lengths = self.pre_encode(mel.transpose(1, 2), lengths)  # (B, T', D)
+        x, lengths = self.pre_encode(mel.transpose(1, 2).to(self.dtype), lengths)  # (B, T', D)
         x = self._embed(x)
         t = x.shape[1]
         pos_emb = self._positions(t, x)
@@ -406,15 +432,17 @@ class ConformerEncoder(nn.Module):
         batch: int,
         context: tuple[int, int],
         device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> EncoderCache:
-        """Empty caches for `batch` new streams at attention context `context`."""
+        """Empty caches for `batch` new streams at attention context `context`.
+
+        In the encoder's own dtype unless `dtype` is given.
+        """
         cfg = self.cfg
         left = context[0]
+        dtype = self.dtype if dtype is None else dtype
         return EncoderCache(
-            mel=torch.zeros(
-                batch, cfg.feat_in, cfg.subsampling_factor + 1, device=device, dtype=dtype
-            ),
+            mel=torch.zeros(batch, cfg.feat_in, self.mel_cache_frames, device=device, dtype=dtype),
             mel_len=torch.zeros(batch, dtype=torch.long, device=device),
             attention=torch.zeros(
                 batch, cfg.n_layers, left, cfg.d_model, device=device, dtype=dtype
@@ -431,7 +459,7 @@ class ConformerEncoder(nn.Module):
         return 1 + f * right if first else f * (right + 1)
 
     def _subsample_step(
-        self, chunk: Tensor, lengths: Tensor, cache: EncoderCache
+        self, chunk: Tensor, lengths: Tensor, cache: EncoderCache, steady: bool
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Subsample [cached mel ; new mel] for each stream, keeping only new encoder frames.
 
@@ -440,10 +468,18 @@ class ConformerEncoder(nn.Module):
         emitted by the previous step and are dropped (2 for f = 8, as NeMo's
         drop_extra_pre_encoded). At the stream start the cache holds every frame
         seen so far, so the convolution's own zero padding is the true start.
+        Streams are therefore subsampled in groups of equal cache fill, unless
+        `steady` says every cache is full.
         """
         stages = self.cfg.num_subsampling_stages
         n_cache = cache.mel.shape[2]
         buffer = torch.cat([cache.mel, chunk], dim=2)  # (B, F, f+1+T)
+        mel = _tail(buffer, n_cache + lengths, n_cache, dim=2)
+        mel_len = torch.clamp(cache.mel_len + lengths, max=n_cache)
+        if steady:  # one group, fixed shapes: no host synchronisation
+            drop = subsampled_length(n_cache, stages)
+            x, x_len = self.pre_encode(buffer.transpose(1, 2), lengths + n_cache)
+            return x[:, drop:], x_len - drop, mel, mel_len
         pieces, piece_lengths, order = [], [], []
         for cached in torch.unique(cache.mel_len).tolist():
             idx = torch.nonzero(cache.mel_len == cached).squeeze(1)
@@ -459,12 +495,15 @@ class ConformerEncoder(nn.Module):
         x = torch.cat([F.pad(p, (0, 0, 0, t_out - p.shape[1])) for p in pieces])
         x_len = torch.cat(piece_lengths)
         inverse = torch.argsort(torch.cat(order))
-        mel = _tail(buffer, n_cache + lengths, n_cache, dim=2)
-        mel_len = torch.clamp(cache.mel_len + lengths, max=n_cache)
         return x[inverse], x_len[inverse], mel, mel_len
 
     def step(
-        self, chunk: Tensor, lengths: Tensor, cache: EncoderCache, context: tuple[int, int]
+        self,
+        chunk: Tensor,
+        lengths: Tensor,
+        cache: EncoderCache,
+        context: tuple[int, int],
+        steady: bool = False,
     ) -> tuple[Tensor, Tensor, EncoderCache]:
         """Encode the next chunk of each stream in a batch.
 
@@ -474,13 +513,20 @@ class ConformerEncoder(nn.Module):
                 number works: several chunks at once, or the final remainder.
             cache: the streams' caches from `initial_cache` or the previous step.
             context: (left, right) attention context; left must equal the cache's.
+            steady: the caller promises that every stream's mel cache is full
+                (`mel_len == mel_cache_frames`, true from a stream's second chunk
+                on, its third at right context 0). The step then has fixed shapes
+                (T' = the frames of T mel frames; fewer valid ones are masked)
+                and never synchronises with the host, so it can be captured in
+                a CUDA graph (`caster.graphs`).
         Returns:
             (B, T', D) new encoder frames, (B,) their valid counts, and the new cache.
         """
         left = context[0]
         if cache.attention.shape[2] != left:
             raise ValueError(f"cache holds {cache.attention.shape[2]} frames, context is {context}")
-        x, x_len, mel, mel_len = self._subsample_step(chunk, lengths, cache)
+        chunk = chunk.to(self.dtype)
+        x, x_len, mel, mel_len = self._subsample_step(chunk, lengths, cache, steady)
         x = self._embed(x)
         t = x.shape[1]
         pos_emb = self._positions(left + t, x)
@@ -497,7 +543,7 @@ class ConformerEncoder(nn.Module):
         att_mask, pad_mask = ~visible[:, left:], ~valid[:, left:]  # queries: this chunk only
         history = self.cfg.conv_cache_size
         # Usually every stream fills the chunk: the new caches are then plain slices.
-        full = bool((x_len == t).all())
+        full = not steady and bool((x_len == t).all())
         attention, conv = [], []
         for i, layer in enumerate(self.layers):
             x, keys, conv_in = layer(

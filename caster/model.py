@@ -72,9 +72,19 @@ def build_transducer(checkpoint: Checkpoint, device: torch.device | str = "cpu")
 
 
 class Model:
-    """A loaded recognizer. Holds no stream state: one instance serves any number of streams."""
+    """A loaded recognizer. Holds no stream state: one instance serves any number of streams.
 
-    def __init__(self, checkpoint: Checkpoint, device: torch.device | str = "cpu") -> None:
+    `dtype` (bf16 or fp16; None keeps the checkpoint's float32) runs the encoder and
+    prediction network in half precision; the mel front end, the prompt projection and
+    the joint stay float32 (`Transducer.set_dtype`).
+    """
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str | None = None,
+    ) -> None:
         self.device = torch.device(device)
         self.config: ModelConfig = checkpoint.config
         self.tokenizer = Tokenizer(checkpoint.tokenizer_model)
@@ -85,6 +95,13 @@ class Model:
             )
         self._tokenizer_model = checkpoint.tokenizer_model
         self.net = build_transducer(checkpoint, self.device)
+        if dtype is not None:
+            self.net.set_dtype(dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the encoder and prediction network compute in."""
+        return self.net.encoder.dtype
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model in caster's own format (safetensors + caster.json + tokenizer)."""
@@ -169,7 +186,11 @@ PRESET_PREFIX = "preset:"
 
 
 def load(
-    path: str | os.PathLike, device: torch.device | str = "cpu", *, int8: bool = False
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    *,
+    int8: bool = False,
+    dtype: torch.dtype | str | None = None,
 ) -> Model:
     """Load a `.nemo` file, a Hugging Face directory or a caster directory.
 
@@ -177,13 +198,15 @@ def load(
     (see `caster.presets`), for tests and benchmarks without a download.
     `int8=True` gives the CPU fast path: int8 weights for the large linear layers
     and the LSTM (`caster.quantize`; its accuracy cost is in bench/results).
+    `dtype=torch.bfloat16` (or "bf16", float16/"fp16") runs the network in half
+    precision, the GPU fast path (see `Model`); float32 when None.
     """
     if isinstance(path, str) and path.startswith(PRESET_PREFIX):
         from caster.presets import random_checkpoint
 
-        model = Model(random_checkpoint(path[len(PRESET_PREFIX) :]), device)
+        model = Model(random_checkpoint(path[len(PRESET_PREFIX) :]), device, dtype)
     else:
-        model = Model(load_checkpoint(path), device)
+        model = Model(load_checkpoint(path), device, dtype)
     if int8:
         from caster.quantize import quantize_model  # it imports this module
 

@@ -42,11 +42,12 @@ def preset_config(name: str) -> ModelConfig:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}") from None
 
 
-def random_checkpoint(name: str, seed: int = 0) -> Checkpoint:
-    """The preset's architecture with PyTorch's default random initialisation."""
+def random_checkpoint(name: str | ModelConfig, seed: int = 0) -> Checkpoint:
+    """A preset's architecture (or any given config's) with PyTorch's default random
+    initialisation."""
     from caster.transducer import Transducer
 
-    cfg = preset_config(name)
+    cfg = preset_config(name) if isinstance(name, str) else name
     torch.manual_seed(seed)
     net = Transducer(cfg)
     state = {k: v.detach() for k, v in net.state_dict().items()}

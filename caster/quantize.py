@@ -180,6 +180,8 @@ def quantize_transducer(net: Transducer) -> Transducer:
         raise QuantizationError("quantize a model in eval mode (quantized layers cannot train)")
     if net.device.type != "cpu":
         raise QuantizationError(f"int8 kernels run on the CPU; this model is on {net.device}")
+    if net.encoder.dtype != torch.float32:
+        raise QuantizationError(f"int8 weights are made from float32, not {net.encoder.dtype}")
     keep = {id(m) for m in net.prompt_kernel.modules()} if hasattr(net, "prompt_kernel") else set()
     quantized = _quantized_copy(net, keep)
     assert isinstance(quantized, Transducer)

@@ -1,9 +1,11 @@
 """Batch-first streaming state: stack many streams' states, select some back out.
 
 Every streaming state in caster (encoder caches, decoder state) is a frozen
-dataclass whose fields are tensors (or such dataclasses) with the batch on dimension 0. These two
-functions are the only place that joins or splits them, so the engine can batch
-any mix of streams and hand each its own state back.
+dataclass whose fields are tensors (or such dataclasses) with the batch on dimension 0.
+The functions here are the only place that joins, splits or writes them, so the
+engine can batch any mix of streams: it keeps every stream's state as one row
+of preallocated tensors (`grow_state`), gathers a batch's rows (`select_state`)
+and writes the new ones back in place (`write_state_`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,30 @@ def select_state(state: S, index: torch.Tensor | Sequence[int] | slice) -> S:
     fields = {
         f.name: select_state(getattr(state, f.name), index) for f in dataclasses.fields(state)
     }
+    return type(state)(**fields)
+
+
+def write_state_(state: S, index: torch.Tensor | slice, rows: S) -> None:
+    """Write `rows` into `state` at the streams `index` names, in place.
+
+    `rows` holds as many streams as `index` names, or one, written to each of them.
+    It may be (or share memory with) the rows it replaces: a step hands back what
+    it did not change.
+    """
+    if isinstance(state, torch.Tensor):
+        state[index] = rows
+        return
+    for f in dataclasses.fields(state):
+        write_state_(getattr(state, f.name), index, getattr(rows, f.name))
+
+
+def grow_state(state: S, rows: int) -> S:
+    """A copy of `state` with zero rows appended up to `rows` streams."""
+    if isinstance(state, torch.Tensor):
+        grown = state.new_zeros(rows, *state.shape[1:])
+        grown[: state.shape[0]] = state
+        return grown
+    fields = {f.name: grow_state(getattr(state, f.name), rows) for f in dataclasses.fields(state)}
     return type(state)(**fields)
 
 

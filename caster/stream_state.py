@@ -11,6 +11,10 @@ safetensors preamble before any tensor is parsed, and every field and tensor
 (names, dtypes, shapes, finiteness, ranges, and consistency with each other and
 with the model) is checked, so a bad state raises `StreamStateError`, never an
 obscure failure in a later step.
+
+Float states are saved in the dtype the model ran in (bf16 for a bf16 model) and
+converted to the restoring model's dtype, so a stream can move between a GPU
+running bf16 and a CPU running float32.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ _VAD_TENSORS = ("context", "leftover", "h", "c")  # VadState fields saved as "va
 # Saved tensors whose length varies with the stream (the others have the model's shapes).
 _VARIABLE_TENSORS = ("mel.pending", "mel.last_sample", "pending")
 _TOKEN_TENSORS = ("tokens.ids", "tokens.frames", "tokens.scores")
+# Dtypes a saved encoder or decoder float state may have (the model's dtypes).
+_STATE_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class StreamStateError(ValueError):
@@ -122,7 +128,11 @@ def serialize_stream(state: StreamState, fingerprint: str) -> bytes:
 
 
 def deserialize_stream(data: bytes, model: Model, fingerprint: str) -> StreamState:
-    """Parse saved bytes and check them against `model`; the state on the model's device.
+    """Parse saved bytes and check them against `model`.
+
+    The encoder and decoder states come back on the model's device, in its
+    dtype; the mel state and pending frames on the host, where the engine
+    computes mel frames.
 
     Args:
         data: bytes from `serialize_stream` (untrusted).
@@ -154,9 +164,8 @@ def deserialize_stream(data: bytes, model: Model, fingerprint: str) -> StreamSta
         raise StreamStateError("stream state prompt does not match its language")
     context = _decode_context(header, model)
 
-    # The fixed-shape tensors must look like a new stream's (dtype as `Engine.open` makes them).
-    dtype = model.net.encoder.pre_encode.out.weight.dtype
-    initial = model.net.encoder.initial_cache(1, context, "cpu", dtype)
+    # The fixed-shape tensors must look like a new stream's (float ones in any model dtype).
+    initial = model.net.encoder.initial_cache(1, context, "cpu")
     with torch.inference_mode():
         expected = _cache_tensors(initial, initial_decoder_state(model.net, 1))
     names = set(expected) | set(_VARIABLE_TENSORS) | set(_TOKEN_TENSORS)
@@ -167,7 +176,9 @@ def deserialize_stream(data: bytes, model: Model, fingerprint: str) -> StreamSta
             f"stream state tensors {sorted(tensors)} are not the expected {sorted(names)}"
         )
     for name, like in expected.items():
-        _check_tensor(tensors, name, tuple(like.shape), like.dtype)
+        saved = tensors[name].dtype
+        floats = like.is_floating_point() and saved in _STATE_FLOAT_DTYPES
+        _check_tensor(tensors, name, tuple(like.shape), saved if floats else like.dtype)
     mel_cfg = model.config.mel
     _check_tensor(
         tensors, "mel.pending", None, torch.float32, max_len=mel_cfg.n_fft + mel_cfg.hop_length
@@ -204,7 +215,7 @@ def deserialize_stream(data: bytes, model: Model, fingerprint: str) -> StreamSta
         vad_state = _decode_vad(tensors, header.get("vad"))
 
     def to_device(name: str) -> Tensor:
-        return tensors[name].to(model.device)
+        return tensors[name].to(model.device, expected[name].dtype)
 
     encoder_cache = EncoderCache(**{f.name: to_device(f"encoder.{f.name}") for f in CACHE_FIELDS})
     decoder_state = DecoderState(
@@ -217,9 +228,9 @@ def deserialize_stream(data: bytes, model: Model, fingerprint: str) -> StreamSta
         context=context,
         endpointing=endpointing,
         mel_state=MelState(
-            to_device("mel.pending"), to_device("mel.last_sample"), frames_emitted, samples_seen
+            tensors["mel.pending"], tensors["mel.last_sample"], frames_emitted, samples_seen
         ),
-        pending=to_device("pending"),
+        pending=tensors["pending"],
         encoder_cache=encoder_cache,
         decoder_state=decoder_state,
         vad_state=vad_state,

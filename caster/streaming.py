@@ -8,7 +8,7 @@ belongs to the stream; the model is shared and never changes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -25,6 +25,12 @@ from caster.transducer import Transducer
 
 if TYPE_CHECKING:
     from caster.model import Model, Transcript
+
+
+# An encoder step: (chunk, lengths, cache, context) -> (frames, lengths, new cache).
+EncoderStep = Callable[
+    [Tensor, Tensor, EncoderCache, tuple[int, int]], tuple[Tensor, Tensor, EncoderCache]
+]
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,7 @@ def step_streams(
     encoder_cache: EncoderCache,
     decoder_state: DecoderState,
     context: tuple[int, int],
+    encode: EncoderStep | None = None,
 ) -> tuple[list[Hypothesis], EncoderCache, DecoderState]:
     """Encode and decode the next chunk of a batch of streams.
 
@@ -54,10 +61,13 @@ def step_streams(
         prompts: (B,) language prompt indices, or None for a model without a prompt.
         encoder_cache, decoder_state: the streams' states (batch first).
         context: (left, right) attention context shared by the batch.
+        encode: the encoder step to run, `net.encoder.step` by default (the engine
+            passes `EncoderGraphs.step` for fixed-shape steps).
     Returns:
         each stream's new labels, and the new states.
     """
-    encoded, encoded_len, encoder_cache = net.encoder.step(chunk, lengths, encoder_cache, context)
+    encode = net.encoder.step if encode is None else encode
+    encoded, encoded_len, encoder_cache = encode(chunk, lengths, encoder_cache, context)
     encoded = net.apply_prompt(encoded, prompts)
     hyps, decoder_state = greedy_decode(net, encoded, encoded_len, decoder_state)
     return hyps, encoder_cache, decoder_state

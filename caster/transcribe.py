@@ -273,9 +273,8 @@ class _Runner:
         chunks = max(1, round(self.step_seconds * mel_cfg.sample_rate / (later * hop)))
         first_need = encoder.chunk_frames(self.context, first=True) + (chunks - 1) * later
         need = chunks * later
-        dtype = encoder.pre_encode.out.weight.dtype
         everyone = streams = [_LongStream(item, mel_cfg, device) for item in items]
-        cache = encoder.initial_cache(len(items), self.context, device, dtype)
+        cache = encoder.initial_cache(len(items), self.context, device)
         decoder = initial_decoder_state(net, len(items))
         prompts = _prompts(items, device)
         first = True

@@ -15,12 +15,16 @@ import numpy as np
 import pytest
 import torch
 
+import caster
+
 ROOT = Path(__file__).resolve().parent.parent
 NEMO_FIXTURES = ROOT.parent / "shared" / "fixtures" / "nemo"
 DATA = Path(__file__).resolve().parent / "data"
 
 EN_MODEL = "tiny_streaming_rnnt"
 PROMPT_MODEL = "tiny_streaming_rnnt_prompt"
+# The languages each fixture model is tested in.
+LANGUAGES = {EN_MODEL: [None], PROMPT_MODEL: ["en-US", "de-DE", "fr-FR", "auto"]}
 
 
 def unavailable(message: str) -> None:
@@ -48,6 +52,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=[EN_MODEL, PROMPT_MODEL])
+def model(request) -> caster.Model:
+    """Each NeMo-built fixture model in turn (files with their own `model` override it)."""
+    m = caster.load(nemo_path(request.param))
+    m.name = request.param
+    return m
 
 
 @functools.cache

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import EN_MODEL, PROMPT_MODEL, ROOT, nemo_path
+from conftest import EN_MODEL, LANGUAGES, PROMPT_MODEL, ROOT, nemo_path
 
 import caster
 from caster.endpoint import EndpointConfig, EndpointError, segment_cuts, trailing_silence_ends
@@ -32,15 +32,7 @@ from caster.sentencepiece_proto import NORMAL, UNIGRAM, UNKNOWN, USER_DEFINED, m
 from caster.tokenizer import Tokenizer
 from caster.vad import SileroVad, VadState, vad_step
 
-LANGUAGES = {EN_MODEL: [None], PROMPT_MODEL: ["en-US", "de-DE", "fr-FR", "auto"]}
 SPLIT = EndpointConfig(silence_ms=160, max_segment_ms=800)
-
-
-@pytest.fixture(scope="module", params=[EN_MODEL, PROMPT_MODEL])
-def model(request) -> caster.Model:
-    m = caster.load(nemo_path(request.param))
-    m.name = request.param
-    return m
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +108,33 @@ def test_streams_join_and_leave_and_match_solo(model, clips):
             break
     assert done == len(todo) - 1
     assert engine.streams == []
+
+
+def test_fixed_shape_steps_match_solo(model, clips):
+    """`graphs=True` on the CPU: steady steps padded to power-of-two batches and whole
+    chunks, run eagerly (CUDA captures these as graphs). Streams joining late, ending at
+    different steps (ragged last chunks) and batches of one to five rows: each stream's
+    tokens are exactly its own."""
+    engine = Engine(model, max_batch=8, graphs=True)
+    languages = LANGUAGES[model.name]
+    todo = [
+        (clips[c], languages[i % len(languages)], chunk_ms)
+        for i, (c, chunk_ms) in enumerate([(0, 80), (1, 80), (2, 80), (5, 80), (3, 80), (4, 560)])
+    ]
+    joins = [0, 0, 0, 2, 4, 1]
+    handles, pos = {}, [0] * len(todo)
+    for tick in range(max(len(audio) for audio, _, _ in todo) // 1280 + max(joins) + 1):
+        for i, (audio, language, chunk_ms) in enumerate(todo):
+            if joins[i] == tick:
+                handles[i] = engine.open(language=language, chunk_ms=chunk_ms)
+            if i in handles:
+                handles[i].feed(audio[pos[i] : pos[i] + 1280])  # 80 ms a tick
+                pos[i] += 1280
+        engine.step()
+    for i, (audio, language, chunk_ms) in enumerate(todo):
+        assert_matches_solo(model, handles[i].finish(), audio, language, chunk_ms)
+    context = model.config.context_for_chunk_ms(80)
+    assert (context, 8) in engine._graphs.buckets  # five streams padded to eight rows
 
 
 def test_errors(model, clips):

@@ -10,9 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import EN_MODEL, PROMPT_MODEL, nemo_path
+from conftest import EN_MODEL, LANGUAGES
 
-import caster
 from caster.decoding import greedy_decode, initial_decoder_state
 from caster.encoder import EncoderCache
 from caster.state import select_state, stack_states
@@ -20,14 +19,6 @@ from caster.streaming import step_streams
 
 TOL = 1e-4
 WAVES = ["wave_a", "wave_b"]
-LANGUAGES = {EN_MODEL: [None], PROMPT_MODEL: ["en-US", "de-DE", "fr-FR", "auto"]}
-
-
-@pytest.fixture(scope="module", params=[EN_MODEL, PROMPT_MODEL])
-def model(request) -> caster.Model:
-    m = caster.load(nemo_path(request.param))
-    m.name = request.param
-    return m
 
 
 def tag(context: tuple[int, int]) -> str:

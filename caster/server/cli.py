@@ -47,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env("CASTER_INT8", "") not in ("", "0", "false"),
         help="CPU fast path: int8 weights for the large layers (env CASTER_INT8=1)",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bf16", "fp16"],
+        default=env("CASTER_DTYPE", "float32"),
+        help="GPU fast path: encoder and prediction network in bf16 or fp16 (env CASTER_DTYPE)",
+    )
     option("--host", str, "127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     option("--port", int, 8000, "TCP port")
     parser.add_argument(
@@ -144,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
     settings = settings_from_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
-    model = caster.load(args.model, args.device, int8=args.int8)
+    model = caster.load(args.model, args.device, int8=args.int8, dtype=args.dtype)
     app = create_app(model, settings)
     server = make_server(
         app,
