@@ -305,6 +305,26 @@ def test_dataset_skips_bad_entries_and_collates(tmp_path, tokenizer, caplog):
     assert kept == [items[0], items[2], items[3], items[6], items[7]]
 
 
+def test_dataset_language_tags_and_scoring_mode(tmp_path, tokenizer):
+    good = write_wav(tmp_path / "good.wav", 1.0)
+    items = [
+        ManifestEntry(good, 1.0, "the quick fox", "en-US"),
+        ManifestEntry(good, 1.0, "the quick fox", "fr-FR"),  # no <fr-FR> piece: no tag
+        ManifestEntry(good, 1.0, "the quick fox"),
+        ManifestEntry(good, 1.0, "the 狐狸 fox", "en-US"),
+    ]
+    plain = AsrDataset(items, tokenizer)[0].tokens.tolist()
+    tagged = AsrDataset(items, tokenizer, language_tags=True)
+    tag = {locale: i for i, locale in tokenizer.language_tag_ids.items()}["en-US"]
+    assert tagged[0].tokens.tolist() == [*plain, tag]
+    assert tokenizer.decode(tagged[0].tokens.tolist()).endswith("<en-US>")
+    assert tagged[1].tokens.tolist() == tagged[2].tokens.tolist() == plain
+    assert isinstance(tagged[3], Skipped) and tagged[3].reason == "unencodable text"
+    # Scoring keeps text the vocabulary cannot spell: no targets, nothing skipped.
+    scoring = AsrDataset(items, tokenizer, targets=False)
+    assert [scoring[i].tokens.size for i in range(len(items))] == [0, 0, 0, 0]
+
+
 def test_dataset_augmentation_is_deterministic_per_epoch(tmp_path, tokenizer):
     wav = write_wav(tmp_path / "a.wav", 1.0)
     noise = [np.random.default_rng(5).standard_normal(4000).astype(np.float32)]

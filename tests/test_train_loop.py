@@ -37,7 +37,12 @@ from caster.train.config import (
     load_train_config,
     model_config,
 )
-from caster.train.evaluate import choose_prompts, error_rates, trained_chunk_ms
+from caster.train.evaluate import (
+    choose_prompts,
+    error_rates,
+    language_id_rates,
+    trained_chunk_ms,
+)
 from caster.train.loop import add_languages, frozen_modules, learning_rate, sample_context, train
 from caster.train.metrics import read_metrics
 from caster.transducer import Transducer
@@ -143,6 +148,8 @@ def test_overfits_to_exact_text_in_every_chunk_size(tmp_path):
     for ms in CHUNK_MS:  # validation scored every chunk size and prompt mode
         assert final[f"{ms}ms/all/wer"] == 0.0
         assert final[f"{ms}ms/auto/all/wer"] == 0.0
+        # Targets end with the language tag, so `auto` names the language it heard.
+        assert final[f"{ms}ms/auto/all/lid"] == 1.0
     assert losses(tmp_path / "run")[-1] < 0.05 * losses(tmp_path / "run")[0]
     assert (tmp_path / "run" / "metrics.png").stat().st_size > 0
     # The exported models, loaded back, stream the exact text at every latency.
@@ -152,7 +159,8 @@ def test_overfits_to_exact_text_in_every_chunk_size(tmp_path):
             audio = render(text)
             for ms in CHUNK_MS:
                 assert model.transcribe(audio, language=language, chunk_ms=ms).text == text
-                assert model.transcribe(audio, language="auto", chunk_ms=ms).text == text
+                detected = model.transcribe(audio, language="auto", chunk_ms=ms)
+                assert (detected.text, detected.language) == (text, language)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -385,6 +393,18 @@ def test_error_rates_keys_and_pooling():
     assert not any(math.isnan(v) for v in rates.values())
 
 
+def test_language_id_rates_per_locale_and_pooled():
+    counts = {
+        (560, "en-US"): ErrorCount(1, 4, 4),
+        (560, "de-DE"): ErrorCount(0, 4, 4),
+        (160, "de-DE"): ErrorCount(4, 4, 4),
+    }
+    rates = language_id_rates(counts)
+    assert rates["560ms/auto/en-US/lid"] == 0.75
+    assert rates["560ms/auto/all/lid"] == 7 / 8
+    assert rates["160ms/auto/all/lid"] == 0.0
+
+
 def test_trained_chunk_ms_uses_the_model_frame_length():
     config = caster.load(nemo_path(PROMPT_MODEL)).config
     assert trained_chunk_ms(config) == [80, 320, 560, 1120]  # contexts [56,0/3/6/13]
@@ -435,3 +455,31 @@ def test_frozen_parts_by_name():
         frozen_modules(net, ["prompt_kernel"])
     with pytest.raises(TrainConfigError, match=r"model\.freeze"):
         TrainConfig.from_dict({"model": {"freeze": ["lstm"]}})
+
+
+def test_auxiliary_ctc_head_trains_resumes_and_is_not_exported(tmp_path):
+    from caster.train.state import TrainStateError, latest_training_state, load_training_state
+
+    manifest = write_manifest(tmp_path / "data")
+    raw = tiny_raw(
+        tmp_path / "run",
+        manifest,
+        model={"ctc_weight": 0.3},
+        run={"max_steps": 3, "save_every": 1},
+    )
+    train(TrainConfig.from_dict(raw), stop_at=2)
+    state = load_training_state(latest_training_state(tmp_path / "run"))
+    head = state["ctc_head"]
+    assert head["weight"].shape == (25, 64)  # vocabulary + blank, from d_model
+    exported = train(TrainConfig.from_dict(raw))  # resumes at step 2, finishes
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
+    assert all(math.isfinite(loss) for loss in losses(tmp_path / "run"))
+    # Only the transducer is exported: it loads strictly, without the head's keys.
+    weights = load_checkpoint(exported).state_dict
+    assert not any("ctc" in key for key in weights)
+    caster.load(exported)
+    without = tiny_raw(tmp_path / "run", manifest, run={"max_steps": 4})
+    with pytest.raises(TrainStateError, match="ctc_weight"):
+        train(TrainConfig.from_dict(without))
+    with pytest.raises(TrainConfigError, match="ctc_weight"):
+        TrainConfig.from_dict({**raw, "model": {**raw["model"], "ctc_weight": -1.0}})

@@ -87,15 +87,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import caster
     from caster.languages import resolve_language
-    from caster.train.data import (
-        AsrDataset,
-        DurationBucketSampler,
-        SkipCounter,
-        collate,
-        filter_entries,
-        read_manifest,
+    from caster.train.data import SkipCounter, read_manifest
+    from caster.train.evaluate import (
+        error_rates,
+        language_id_rates,
+        prompt_modes,
+        score_entries,
+        trained_chunk_ms,
     )
-    from caster.train.evaluate import error_rates, evaluate, prompt_modes, trained_chunk_ms
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
@@ -115,24 +114,8 @@ def run_eval(args: argparse.Namespace) -> int:
             modes = {args.language: fixed}
         skips = SkipCounter()
         entries = [e for path in args.manifests for e in read_manifest(path, skips)]
-        entries = filter_entries(entries, model.tokenizer, skips)
-        batches = list(
-            DurationBucketSampler(entries, args.batch_seconds, shuffle=False, counter=skips)
-        )
-        loader = torch.utils.data.DataLoader(
-            AsrDataset(entries, model.tokenizer, config.mel.sample_rate, counter=skips),
-            batch_sampler=batches,
-            collate_fn=collate,
-            num_workers=args.workers,
-        )
-        counts = evaluate(
-            model.net,
-            model.tokenizer,
-            loader,
-            lambda i: entries[i].text,
-            chunks,
-            modes,
-            model.device,
+        scores = score_entries(
+            model, entries, chunks, modes, args.batch_seconds, args.workers, skips
         )
     except ValueError as e:
         print(f"caster: {e}", file=sys.stderr)
@@ -140,9 +123,12 @@ def run_eval(args: argparse.Namespace) -> int:
     if skips.total:
         print(f"caster: not scored: {skips.summary()}", file=sys.stderr)
     if args.format == "json":
-        print(json.dumps(error_rates(counts), indent=2))
+        rates = error_rates(scores.errors) | language_id_rates(scores.language_id)
+        print(json.dumps(rates, indent=2))
     else:
-        print(format_report(counts))
+        print(format_report(scores.errors))
+        for key, accuracy in language_id_rates(scores.language_id).items():
+            print(f"language identification {key}: {100.0 * accuracy:.2f}%")
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -43,6 +44,9 @@ class ModelSection:
     freeze: list[str] = field(default_factory=list)
     # Locales to add to free slots of the prompt dictionary (prompt models only).
     new_languages: list[str] = field(default_factory=list)
+    # Weight of an auxiliary CTC loss on the encoder (a training-only head, not exported);
+    # 0: off. About 0.3 gets a model trained from scratch to use the audio much sooner.
+    ctc_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,10 @@ class TokenizerSection:
     # A SentencePiece .model file; None: train one on the training transcripts
     # (from-scratch only; its size is the decoder's vocab_size).
     model: str | None = None
-    # Add one `<xx-XX>` piece per language of the training data (prompt models only).
+    # Prompt models only: a new tokenizer gets one `<xx-XX>` piece per language of the
+    # training data, and every target ends with its language's tag piece where the
+    # vocabulary has one (as the released 3.5 model ends its sentences), which teaches
+    # `auto` mode to name the language.
     language_tags: bool = True
     model_type: str = "unigram"  # unigram (the released models' algorithm) or bpe
     # Share of characters the new vocabulary covers (the rest become <unk>, and utterances
@@ -298,6 +305,10 @@ def _validate(c: TrainConfig) -> None:
     require(c.optim.lr > 0 and c.optim.min_lr >= 0, "optim.lr must be > 0, optim.min_lr >= 0")
     require(len(c.optim.betas) == 2, "optim.betas must be two numbers")
     require(c.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+    require(
+        math.isfinite(c.model.ctc_weight) and c.model.ctc_weight >= 0,
+        "model.ctc_weight must be >= 0",
+    )
     require(c.optim.accumulate >= 1, "optim.accumulate must be >= 1")
     require(c.optim.grad_clip is None or c.optim.grad_clip > 0, "optim.grad_clip must be > 0")
     require(c.run.max_steps >= 1, "run.max_steps must be >= 1")

@@ -423,6 +423,9 @@ class AsrDataset(Dataset):
         min_seconds: shortest audio kept (after perturbation); shorter gives no encoder frame.
         seed: base of the augmentation randomness.
         counter: where skips are counted; a fresh one when None.
+        language_tags: end each utterance's tokens with its language's tag piece (`<de-DE>`)
+            where the vocabulary has one, as the released 3.5 model ends its sentences: in
+            `auto` prompt mode the model learns to name the language it heard.
     """
 
     def __init__(
@@ -437,6 +440,8 @@ class AsrDataset(Dataset):
         min_seconds: float = 0.1,
         seed: int = 0,
         counter: SkipCounter | None = None,
+        language_tags: bool = False,
+        targets: bool = True,
     ) -> None:
         if not speed_factors or not 0.0 <= noise_prob <= 1.0 or snr_db[0] > snr_db[1]:
             raise ManifestError(
@@ -457,6 +462,10 @@ class AsrDataset(Dataset):
         self.epoch = 0
         self.counter = counter if counter is not None else SkipCounter()
         self._unk_ids = unknown_ids(tokenizer)
+        self.targets = targets
+        self._tag_ids = (
+            {locale: i for i, locale in tokenizer.language_tag_ids.items()} if language_tags else {}
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -466,10 +475,14 @@ class AsrDataset(Dataset):
 
     def __getitem__(self, index: int) -> Sample | Skipped:
         entry = self.entries[index]
-        try:
-            tokens = encode_transcript(entry.text, self.tokenizer, self._unk_ids)
-        except TranscriptError as e:
-            return self._skip(index, str(e))
+        tokens = []
+        if self.targets:
+            try:
+                tokens = encode_transcript(entry.text, self.tokenizer, self._unk_ids)
+            except TranscriptError as e:
+                return self._skip(index, str(e))
+        if tokens and entry.language in self._tag_ids:
+            tokens = [*tokens, self._tag_ids[entry.language]]
         if not entry.audio_filepath.is_file():
             return self._skip(index, "missing audio file")
         try:

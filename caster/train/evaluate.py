@@ -9,6 +9,8 @@ the same way.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -16,14 +18,57 @@ from torch import Tensor
 from caster.config import ModelConfig, PromptConfig
 from caster.decoding import greedy_decode, initial_decoder_state
 from caster.languages import AUTO, LanguageError, resolve_language
-from caster.scoring import ErrorCount, add_count, count_errors, metric_of, pooled_counts, uses_cer
-from caster.scoring import merge_counts as merge_counts  # re-exported for the training loop
+from caster.scoring import (
+    ErrorCount,
+    add_count,
+    count_errors,
+    merge_counts,
+    metric_of,
+    pooled_counts,
+    uses_cer,
+)
 from caster.tokenizer import Tokenizer
-from caster.train.data import Batch
+from caster.train.data import (
+    AsrDataset,
+    Batch,
+    DurationBucketSampler,
+    ManifestEntry,
+    SkipCounter,
+    collate,
+)
 from caster.transducer import Transducer
+
+if TYPE_CHECKING:
+    from caster.model import Model
 
 # (chunk_ms, prompt mode, language) -> errors and reference units
 ErrorCounts = dict[tuple[int, str, str], ErrorCount]
+# (chunk_ms, language) -> utterances whose language the `auto` prompt got wrong (errors) of
+# all scored (units): the language named by the last tag the model emitted, none = wrong.
+LanguageIdCounts = dict[tuple[int, str], ErrorCount]
+
+
+@dataclass
+class Scores:
+    """What `evaluate` counts; add the parts of several processes with `merge_scores`.
+
+    errors:      WER (CER for zh, ja, ko, th) counts per (chunk_ms, mode, language)
+    characters:  CER counts for every language, same keys
+    language_id: `auto` mode's language identification per (chunk_ms, language)
+    """
+
+    errors: ErrorCounts = field(default_factory=dict)
+    characters: ErrorCounts = field(default_factory=dict)
+    language_id: LanguageIdCounts = field(default_factory=dict)
+
+
+def merge_scores(parts: Iterable[Scores]) -> Scores:
+    parts = list(parts)
+    return Scores(
+        merge_counts(p.errors for p in parts),
+        merge_counts(p.characters for p in parts),
+        merge_counts(p.language_id for p in parts),
+    )
 
 
 @torch.inference_mode()
@@ -35,7 +80,7 @@ def evaluate(
     chunk_ms: Sequence[int],
     prompt_modes: dict[str, Callable[[Sequence[str | None]], Tensor | None]],
     device: torch.device,
-) -> ErrorCounts:
+) -> Scores:
     """Greedy-decode batches at several chunk sizes and prompt modes; count errors.
 
     The offline encoder with a chunk size's attention context gives exactly what a
@@ -52,10 +97,12 @@ def evaluate(
         device: where the model is.
 
     Returns:
-        error and unit counts per (chunk_ms, mode, language); add them across processes.
+        error and unit counts per (chunk_ms, mode, language), and in `auto` mode the
+        language identification counts per (chunk_ms, language) of utterances with a
+        known language.
     """
     contexts = {ms: net.cfg.context_for_chunk_ms(ms) for ms in chunk_ms}
-    counts: ErrorCounts = {}
+    scores = Scores()
     for batch in batches:
         if batch.size == 0:
             continue
@@ -72,11 +119,64 @@ def evaluate(
                     net, prompted, lengths, initial_decoder_state(net, batch.size)
                 )
                 for hyp, index, language in zip(hyps, batch.indices, batch.languages, strict=True):
-                    text, _ = tokenizer.split_language_tags(tokenizer.decode(hyp.token_ids))
+                    text, tags = tokenizer.split_language_tags(tokenizer.decode(hyp.token_ids))
                     reference, _ = tokenizer.split_language_tags(references(index))
-                    count = count_errors(reference, text, uses_cer(language))
-                    add_count(counts, (ms, mode, language or "none"), count)
-    return counts
+                    key = (ms, mode, language or "none")
+                    characters = count_errors(reference, text, True)
+                    add_count(scores.characters, key, characters)
+                    count = (
+                        characters if uses_cer(language) else count_errors(reference, text, False)
+                    )
+                    add_count(scores.errors, key, count)
+                    if mode == AUTO and language is not None:
+                        wrong = not tags or tags[-1] != language
+                        add_count(scores.language_id, (ms, language), ErrorCount(int(wrong), 1, 1))
+    return scores
+
+
+def score_entries(
+    model: Model,
+    entries: Sequence[ManifestEntry],
+    chunk_ms: Sequence[int],
+    prompt_modes: dict[str, Callable[[Sequence[str | None]], Tensor | None]],
+    batch_seconds: float = 120.0,
+    workers: int = 0,
+    skips: SkipCounter | None = None,
+) -> Scores:
+    """`evaluate` a loaded model on manifest entries (what `caster eval` runs).
+
+    Every entry with readable audio is scored, also one whose text the vocabulary cannot
+    spell (its missing characters count as errors); unreadable or missing audio is counted
+    in `skips` and left out.
+    """
+    skips = skips if skips is not None else SkipCounter()
+    kept = []
+    for entry in entries:
+        if entry.audio_filepath.is_file():
+            kept.append(entry)
+        else:
+            skips.skip("missing audio file", str(entry.audio_filepath))
+    entries = kept
+    batches = list(DurationBucketSampler(entries, batch_seconds, shuffle=False, counter=skips))
+    dataset = AsrDataset(
+        entries, model.tokenizer, model.config.mel.sample_rate, counter=skips, targets=False
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=collate,
+        num_workers=workers,
+    )
+    references = [e.text for e in entries]
+    return evaluate(
+        model.net,
+        model.tokenizer,
+        loader,
+        references.__getitem__,
+        chunk_ms,
+        prompt_modes,
+        model.device,
+    )
 
 
 def error_rates(counts: ErrorCounts) -> dict[str, float]:
@@ -89,6 +189,18 @@ def error_rates(counts: ErrorCounts) -> dict[str, float]:
         rates[f"{_prefix(ms, mode)}/{language}/{metric_of(language)}"] = _rate(count)
     for (ms, mode, metric), count in pooled_counts(counts).items():
         rates[f"{_prefix(ms, mode)}/all/{metric}"] = _rate(count)
+    return rates
+
+
+def language_id_rates(counts: LanguageIdCounts) -> dict[str, float]:
+    """Language identification accuracy keyed "<ms>ms/auto/<language>/lid"; "all" pools."""
+    rates: dict[str, float] = {}
+    pooled: dict[int, ErrorCount] = {}
+    for (ms, language), count in sorted(counts.items()):
+        rates[f"{ms}ms/{AUTO}/{language}/lid"] = 1.0 - _rate(count)
+        add_count(pooled, ms, count)
+    for ms, count in pooled.items():
+        rates[f"{ms}ms/{AUTO}/all/lid"] = 1.0 - _rate(count)
     return rates
 
 

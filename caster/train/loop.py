@@ -11,7 +11,8 @@ One optimizer step:
    learns every chunk size, as the released models were trained);
 3. each utterance gets its language prompt: its true language, `auto`, or a mix;
 4. forward (dither -> mel -> SpecAugment -> encoder -> prompt -> joint) under bf16 autocast
-   on GPUs, RNN-T loss summed per utterance and divided by the global number of
+   on GPUs, RNN-T loss (plus `model.ctc_weight` x the CTC loss of a training-only head on
+   the encoder, when set) summed per utterance and divided by the global number of
    utterances of the step, so any split over processes and micro-batches gives the same
    gradient;
 5. gradient clipping, AdamW with warm-up + decay, optional weight EMA.
@@ -83,7 +84,8 @@ from caster.train.evaluate import (
     choose_prompts,
     error_rates,
     evaluate,
-    merge_counts,
+    language_id_rates,
+    merge_scores,
     prompt_modes,
     trained_chunk_ms,
 )
@@ -235,13 +237,22 @@ class TransducerLoss(nn.Module):
     Args:
         net: the transducer.
         augment: dither and SpecAugment settings.
+        ctc_weight: weight of an auxiliary CTC loss; > 0 adds `ctc_head`, a linear layer
+            from the prompted encoder output to the vocabulary and blank. CTC gives the
+            encoder a direct, alignment-free signal, which gets a transducer trained from
+            scratch past its early phase of ignoring the audio (the prediction network
+            alone lowers the RNN-T loss at first) far sooner. Only the transducer is
+            exported; the head exists for training.
     """
 
-    def __init__(self, net: Transducer, augment: AugmentSection) -> None:
+    def __init__(self, net: Transducer, augment: AugmentSection, ctc_weight: float = 0.0) -> None:
         super().__init__()
         self.net = net
         self.spec_augment = augment.spec_augment
         self.dither = augment.dither
+        self.ctc_weight = ctc_weight
+        vocabulary = net.cfg.decoder.vocab_size + 1  # the pieces and the blank
+        self.ctc_head = nn.Linear(net.cfg.encoder.d_model, vocabulary) if ctc_weight > 0 else None
 
     def forward(
         self,
@@ -281,7 +292,7 @@ class TransducerLoss(nn.Module):
         # The prediction network starts from blank (SOS), then reads each target label.
         labels = torch.cat([targets.new_full((targets.shape[0], 1), blank), targets], dim=1)
         predicted, _ = net.decoder(labels)  # (B, U+1, H)
-        return rnnt_loss_from_parts(
+        losses = rnnt_loss_from_parts(
             net.joint.joint_net,
             net.joint.enc(encoded),
             net.joint.pred(predicted),
@@ -291,6 +302,19 @@ class TransducerLoss(nn.Module):
             blank,
             reduction="none",
         )
+        if self.ctc_head is None:
+            return losses
+        log_probs = self.ctc_head(encoded).float().log_softmax(-1)  # (B, T', V+1)
+        ctc = nn.functional.ctc_loss(
+            log_probs.transpose(0, 1),  # (T', B, V+1)
+            targets,
+            encoded_lengths,
+            target_lengths,
+            blank=blank,
+            reduction="none",
+            zero_infinity=True,  # more labels than frames: no CTC path, no gradient
+        )
+        return losses + self.ctc_weight * ctc
 
 
 # ------------------------------------------------------------------ per-step choices
@@ -369,6 +393,8 @@ class Trainer:
         self.net = net
         self.config = net.cfg
         self.tokenizer = Tokenizer(self.tokenizer_model)
+        # Targets end with their language's tag where the vocabulary has tags (3.5's habit).
+        self.language_tags = cfg.tokenizer.language_tags and self.config.prompt is not None
         self.frozen = frozen_modules(net, cfg.model.freeze)
         for module in self.frozen:
             module.requires_grad_(False)
@@ -381,12 +407,13 @@ class Trainer:
                 self.config.context_for_chunk_ms(ms)
             except ValueError as e:
                 raise TrainConfigError(f"run.val_chunk_ms: {e}") from e
-        loss = TransducerLoss(net, cfg.augment)
+        loss = TransducerLoss(net, cfg.augment, cfg.model.ctc_weight).to(info.device)
+        self.loss = loss
         self.model: nn.Module = loss
         if info.enabled:
             ids = [info.device.index] if info.device.type == "cuda" else None
             self.model = DistributedDataParallel(loss, device_ids=ids)
-        self.params = [p for p in net.parameters() if p.requires_grad]
+        self.params = [p for p in loss.parameters() if p.requires_grad]  # net + CTC head
         if not self.params:
             raise TrainConfigError("model.freeze leaves nothing to train")
         self.optimizer = adamw(self.params, cfg.optim)
@@ -501,6 +528,7 @@ class Trainer:
             min_seconds=cfg.data.min_duration,
             seed=cfg.seed,
             counter=self.skips,
+            language_tags=self.language_tags,
         )
         self.sampler = DurationBucketSampler(
             entries,
@@ -518,7 +546,12 @@ class Trainer:
         val_entries = [e for p in cfg.data.validation for e in self._usable(read_manifest(p))]
         self._check_languages(val_entries)
         self.val_entries = val_entries
-        self.val_dataset = AsrDataset(val_entries, self.tokenizer, self.config.mel.sample_rate)
+        self.val_dataset = AsrDataset(
+            val_entries,
+            self.tokenizer,
+            self.config.mel.sample_rate,
+            language_tags=self.language_tags,
+        )
         # Every process scores a disjoint share of the validation batches (no repeats).
         plan = DurationBucketSampler(
             val_entries, cfg.data.max_batch_seconds, cfg.data.num_buckets, shuffle=False
@@ -528,7 +561,12 @@ class Trainer:
     def _restore(self, state: dict[str, Any]) -> None:
         if self.ema is not None and state.get("ema") is None:
             raise TrainStateError("the run uses run.ema_decay but the saved state has no EMA")
+        head = self.loss.ctc_head
+        if (head is None) != (state.get("ctc_head") is None):
+            raise TrainStateError("model.ctc_weight differs from the saved run's (CTC head)")
         try:
+            if head is not None:
+                head.load_state_dict(state["ctc_head"])
             self.optimizer.load_state_dict(state["optimizer"])
             if self.ema is not None:
                 self.ema.load_state_dict(state["ema"])
@@ -719,7 +757,7 @@ class Trainer:
         with self._averaged():
             self.net.eval()
             try:
-                counts = evaluate(
+                scores = evaluate(
                     self.net,
                     self.tokenizer,
                     loader,
@@ -730,7 +768,8 @@ class Trainer:
                 )
             finally:
                 set_train_mode(self.net, self.frozen)
-        rates = error_rates(merge_counts(all_gather_objects(counts, info)))
+        scores = merge_scores(all_gather_objects(scores, info))
+        rates = error_rates(scores.errors) | language_id_rates(scores.language_id)
         if info.is_main:
             write_metrics(self.metrics_path, {"step": self.step, "val": rates})
             if not plot_metrics(read_metrics(self.metrics_path), self.out / PLOT_FILE):
@@ -742,6 +781,7 @@ class Trainer:
         """Write the resumable training state (main process); keep the newest few."""
         rngs = all_gather_objects(rng_state(), self.info)
         path = state_path(self.out, self.step)
+        head = self.loss.ctc_head
         if self.info.is_main:
             state = {
                 "version": STATE_VERSION,
@@ -749,6 +789,7 @@ class Trainer:
                 "epoch": self.epoch,
                 "position": self.position,
                 "model": self.net.state_dict(),
+                "ctc_head": None if head is None else head.state_dict(),
                 "model_config": self.config.to_dict(),
                 "tokenizer": torch.frombuffer(bytearray(self.tokenizer_model), dtype=torch.uint8),
                 "optimizer": self.optimizer.state_dict(),

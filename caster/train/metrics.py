@@ -51,7 +51,8 @@ def plot_metrics(records: Sequence[dict[str, Any]], path: Path) -> bool:
     loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train])
     loss_ax.set(xlabel="step", ylabel="RNN-T loss", title="training loss", yscale="log")
     val = [r for r in records if "val" in r]
-    pooled = sorted({k for r in val for k in r["val"] if "/all/" in k})
+    # Pooled error rates only (language identification accuracy has its own scale).
+    pooled = sorted({k for r in val for k in r["val"] if "/all/" in k and not k.endswith("/lid")})
     for key in pooled:
         points = [(r["step"], r["val"][key]) for r in val if key in r["val"]]
         wer_ax.plot(*zip(*points, strict=True), marker="o", label=key)
