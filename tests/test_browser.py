@@ -54,6 +54,7 @@ CHUNK_MS = 320
 # Set to NAME.png to keep screenshots of the page: NAME-interim.png while the first
 # interim caption shows, NAME.png when done (bench/results/browser.png).
 SCREENSHOT_ENV = "CASTER_BROWSER_SCREENSHOT"
+CAPTURE_TRIES = 3  # sessions run when Chromium's fake microphone slips (see the test)
 
 
 def _require_browser() -> None:
@@ -125,23 +126,21 @@ def _caster_transcribe(path: Path) -> str:
     return done.stdout.strip()
 
 
-def test_page_captions_equal_caster_transcribe(
-    served: Served, oracle: dict[str, np.ndarray], tmp_path: Path
-) -> None:
-    from playwright.sync_api import sync_playwright
+@dataclass
+class PageRun:
+    sent: list[bytes]  # binary WebSocket messages: the audio
+    messages: list[str]  # text ones: start and finalize
+    finals: list[list[str]]  # [language, text] of each final caption
+    interims: int  # interim captions left at the end
 
-    speech = resample(oracle["inputs/wave_a"], 16_000, MIC_RATE)  # (176400,) float32
-    assert speech[0] != 0, "the page starts sending at the first non-zero sample"
-    seconds = len(speech) / MIC_RATE
-    speech_wav, mic_wav = tmp_path / "speech.wav", tmp_path / "mic.wav"
-    sf.write(speech_wav, speech, MIC_RATE, subtype="FLOAT")
-    lead_in = np.zeros(round(LEAD_IN_S * MIC_RATE), np.float32)
-    sf.write(mic_wav, np.concatenate([lead_in, speech]), MIC_RATE, subtype="FLOAT")
-    expected = _caster_transcribe(speech_wav)
-    assert expected, "caster transcribe gave no text: the comparison would be empty"
+
+def _run_page(served: Served, mic_wav: Path, seconds: float) -> PageRun:
+    """One live-captions session in headless Chromium with `mic_wav` as the microphone."""
+    from playwright.sync_api import sync_playwright
 
     sent: list[bytes] = []  # binary WebSocket messages: the audio
     messages: list[str] = []  # text ones: start and finalize
+    served.fed.clear()
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
@@ -189,20 +188,46 @@ def test_page_captions_equal_caster_transcribe(
         finally:
             browser.close()
 
-    start = json.loads(messages[0])
+    return PageRun(sent, messages, finals, interims)
+
+
+def test_page_captions_equal_caster_transcribe(
+    served: Served, oracle: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    speech = resample(oracle["inputs/wave_a"], 16_000, MIC_RATE)  # (176400,) float32
+    assert speech[0] != 0, "the page starts sending at the first non-zero sample"
+    seconds = len(speech) / MIC_RATE
+    speech_wav, mic_wav = tmp_path / "speech.wav", tmp_path / "mic.wav"
+    sf.write(speech_wav, speech, MIC_RATE, subtype="FLOAT")
+    lead_in = np.zeros(round(LEAD_IN_S * MIC_RATE), np.float32)
+    sf.write(mic_wav, np.concatenate([lead_in, speech]), MIC_RATE, subtype="FLOAT")
+    expected = _caster_transcribe(speech_wav)
+    assert expected, "caster transcribe gave no text: the comparison would be empty"
+
+    # Chromium's fake capture device plays the file in real time; on a loaded machine it
+    # now and then slips a block (same length, later samples shifted). That is detected
+    # exactly (the page's audio is compared with the file) and the session is run again.
+    for _ in range(CAPTURE_TRIES):
+        run = _run_page(served, mic_wav, seconds)
+        sent = np.frombuffer(b"".join(run.sent), dtype="<f4")
+        if np.array_equal(sent, speech):
+            break
+    start = json.loads(run.messages[0])
     assert (start["sample_rate"], start["encoding"]) == (MIC_RATE, "f32le"), (
         f"the page captured at {start['sample_rate']} Hz: this Chromium's fake microphone "
         f"does not run at the {MIC_RATE} Hz of the test's wav, so it resampled the file"
     )
-    audio = np.frombuffer(b"".join(sent), dtype="<f4")
+    audio = np.frombuffer(b"".join(run.sent), dtype="<f4")
     assert len(audio) == len(speech), f"the page sent {len(audio)} samples, not {len(speech)}"
-    assert np.array_equal(audio, speech), "the page did not send the file's samples unaltered"
+    assert np.array_equal(audio, speech), (
+        f"the page did not send the file's samples unaltered in {CAPTURE_TRIES} sessions"
+    )
     model_input = np.concatenate(served.fed)
     assert np.array_equal(model_input, load_audio(speech_wav)), (
         f"the server fed the model {len(model_input)} samples that are not what caster "
         f"transcribe reads from the file ({len(load_audio(speech_wav))} samples)"
     )
-    assert interims == 0, "an interim caption was left after the stream finished"
-    assert finals, "no final captions"
-    assert {language for language, _ in finals} == {LANGUAGE}
-    assert " ".join(text for _, text in finals) == expected
+    assert run.interims == 0, "an interim caption was left after the stream finished"
+    assert run.finals, "no final captions"
+    assert {language for language, _ in run.finals} == {LANGUAGE}
+    assert " ".join(text for _, text in run.finals) == expected
