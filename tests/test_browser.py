@@ -187,7 +187,6 @@ def _run_page(served: Served, mic_wav: Path, seconds: float) -> PageRun:
                 page.screenshot(path=screenshot)
         finally:
             browser.close()
-
     return PageRun(sent, messages, finals, interims)
 
 
@@ -209,15 +208,14 @@ def test_page_captions_equal_caster_transcribe(
     # exactly (the page's audio is compared with the file) and the session is run again.
     for _ in range(CAPTURE_TRIES):
         run = _run_page(served, mic_wav, seconds)
-        sent = np.frombuffer(b"".join(run.sent), dtype="<f4")
-        if np.array_equal(sent, speech):
+        audio = np.frombuffer(b"".join(run.sent), dtype="<f4")
+        if np.array_equal(audio, speech):
             break
     start = json.loads(run.messages[0])
     assert (start["sample_rate"], start["encoding"]) == (MIC_RATE, "f32le"), (
         f"the page captured at {start['sample_rate']} Hz: this Chromium's fake microphone "
         f"does not run at the {MIC_RATE} Hz of the test's wav, so it resampled the file"
     )
-    audio = np.frombuffer(b"".join(run.sent), dtype="<f4")
     assert len(audio) == len(speech), f"the page sent {len(audio)} samples, not {len(speech)}"
     assert np.array_equal(audio, speech), (
         f"the page did not send the file's samples unaltered in {CAPTURE_TRIES} sessions"
