@@ -483,3 +483,34 @@ def test_auxiliary_ctc_head_trains_resumes_and_is_not_exported(tmp_path):
         train(TrainConfig.from_dict(without))
     with pytest.raises(TrainConfigError, match="ctc_weight"):
         TrainConfig.from_dict({**raw, "model": {**raw["model"], "ctc_weight": -1.0}})
+
+
+def test_ctc_only_steps_train_the_encoder_alone_first(tmp_path):
+    from caster.train.state import latest_training_state, load_training_state
+
+    manifest = write_manifest(tmp_path / "data")
+    raw = tiny_raw(
+        tmp_path / "run",
+        manifest,
+        model={"ctc_weight": 0.3, "ctc_only_steps": 2},
+        run={"max_steps": 3, "save_every": 1, "log_every": 1},
+    )
+    states = []
+    for stop in (1, 2, 3):
+        train(TrainConfig.from_dict(raw), stop_at=stop)
+        states.append(load_training_state(latest_training_state(tmp_path / "run"))["model"])
+
+    def changed(a: dict, b: dict, prefix: str) -> bool:
+        return any(not torch.equal(a[k], b[k]) for k in a if k.startswith(prefix))
+
+    # Step 2 is CTC only: the encoder moves, the prediction network and joint do not.
+    assert changed(states[0], states[1], "encoder.")
+    assert not changed(states[0], states[1], "decoder.")
+    assert not changed(states[0], states[1], "joint.")
+    # Step 3 trains the transducer.
+    assert changed(states[1], states[2], "decoder.")
+    assert changed(states[1], states[2], "joint.")
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["ctc_only"] for r in records] == [True, True, False]
+    with pytest.raises(TrainConfigError, match="ctc_only_steps"):
+        TrainConfig.from_dict({**raw, "model": {"ctc_only_steps": 5}})

@@ -12,9 +12,9 @@ One optimizer step:
 3. each utterance gets its language prompt: its true language, `auto`, or a mix;
 4. forward (dither -> mel -> SpecAugment -> encoder -> prompt -> joint) under bf16 autocast
    on GPUs, RNN-T loss (plus `model.ctc_weight` x the CTC loss of a training-only head on
-   the encoder, when set) summed per utterance and divided by the global number of
-   utterances of the step, so any split over processes and micro-batches gives the same
-   gradient;
+   the encoder, when set; the CTC loss alone for the first `model.ctc_only_steps`) summed
+   per utterance and divided by the global number of utterances of the step, so any split
+   over processes and micro-batches gives the same gradient;
 5. gradient clipping, AdamW with warm-up + decay, optional weight EMA.
 
 Exact resume: the training state holds the weights, optimizer, EMA, step, sampler position
@@ -238,11 +238,10 @@ class TransducerLoss(nn.Module):
         net: the transducer.
         augment: dither and SpecAugment settings.
         ctc_weight: weight of an auxiliary CTC loss; > 0 adds `ctc_head`, a linear layer
-            from the prompted encoder output to the vocabulary and blank. CTC gives the
-            encoder a direct, alignment-free signal, which gets a transducer trained from
-            scratch past its early phase of ignoring the audio (the prediction network
-            alone lowers the RNN-T loss at first) far sooner. Only the transducer is
-            exported; the head exists for training.
+            from the prompted encoder output to the vocabulary and blank: a direct,
+            frame-level signal to the encoder that no prediction network can stand in for
+            (hybrid CTC/transducer training). Only the transducer is exported; the head
+            exists for training.
     """
 
     def __init__(self, net: Transducer, augment: AugmentSection, ctc_weight: float = 0.0) -> None:
@@ -263,8 +262,9 @@ class TransducerLoss(nn.Module):
         prompts: Tensor | None,
         context: tuple[int, int],
         generator: torch.Generator,
+        ctc_only: bool = False,
     ) -> Tensor:
-        """Per-utterance RNN-T losses.
+        """Per-utterance RNN-T losses (plus the weighted CTC loss when there is a head).
 
         Args:
             audio: (B, N) waveforms; audio_lengths: (B,) samples.
@@ -272,6 +272,8 @@ class TransducerLoss(nn.Module):
             prompts: (B,) prompt indices, None for a model without a prompt.
             context: the (left, right) attention context of this step.
             generator: CPU generator for the SpecAugment masks.
+            ctc_only: the CTC loss alone (encoder pre-training); the prediction network and
+                joint do not run.
 
         Returns:
             (B,) float32 -log P(targets | audio).
@@ -289,6 +291,8 @@ class TransducerLoss(nn.Module):
         with torch.autocast(encoded.device.type, enabled=False):
             encoded = net.apply_prompt(encoded.float(), prompts)
         blank = net.cfg.decoder.blank_id
+        if ctc_only:
+            return self._ctc(encoded, encoded_lengths, targets, target_lengths)
         # The prediction network starts from blank (SOS), then reads each target label.
         labels = torch.cat([targets.new_full((targets.shape[0], 1), blank), targets], dim=1)
         predicted, _ = net.decoder(labels)  # (B, U+1, H)
@@ -304,17 +308,26 @@ class TransducerLoss(nn.Module):
         )
         if self.ctc_head is None:
             return losses
+        return losses + self.ctc_weight * self._ctc(
+            encoded, encoded_lengths, targets, target_lengths
+        )
+
+    def _ctc(
+        self, encoded: Tensor, encoded_lengths: Tensor, targets: Tensor, target_lengths: Tensor
+    ) -> Tensor:
+        """(B,) CTC losses of the training-only head."""
+        if self.ctc_head is None:
+            raise ValueError("no CTC head: model.ctc_weight is 0")
         log_probs = self.ctc_head(encoded).float().log_softmax(-1)  # (B, T', V+1)
-        ctc = nn.functional.ctc_loss(
+        return nn.functional.ctc_loss(
             log_probs.transpose(0, 1),  # (T', B, V+1)
             targets,
             encoded_lengths,
             target_lengths,
-            blank=blank,
+            blank=self.net.cfg.decoder.blank_id,
             reduction="none",
             zero_infinity=True,  # more labels than frames: no CTC path, no gradient
         )
-        return losses + self.ctc_weight * ctc
 
 
 # ------------------------------------------------------------------ per-step choices
@@ -412,7 +425,11 @@ class Trainer:
         self.model: nn.Module = loss
         if info.enabled:
             ids = [info.device.index] if info.device.type == "cuda" else None
-            self.model = DistributedDataParallel(loss, device_ids=ids)
+            # CTC-only steps leave the prediction network and joint without gradients.
+            unused = cfg.model.ctc_only_steps > 0
+            self.model = DistributedDataParallel(
+                loss, device_ids=ids, find_unused_parameters=unused
+            )
         self.params = [p for p in loss.parameters() if p.requires_grad]  # net + CTC head
         if not self.params:
             raise TrainConfigError("model.freeze leaves nothing to train")
@@ -635,6 +652,7 @@ class Trainer:
         local = sum(b.size for b in slots)
         count = float(all_reduce_sum(torch.tensor(float(local), device=device), info))
         context = sample_context(self.config.encoder, cfg.seed, self.step)
+        ctc_only = self.step < cfg.model.ctc_only_steps
         lr = learning_rate(self.step, cfg.optim, cfg.run.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -659,6 +677,7 @@ class Trainer:
                     None if prompts is None else prompts.to(device),
                     context,
                     generator,
+                    ctc_only,
                 )
                 # DDP averages gradients over processes: scaling by world_size / count makes
                 # the result the mean over every utterance of the step.
@@ -681,6 +700,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "context": list(context),
             "utterances": int(count),
+            "ctc_only": ctc_only,
         }
 
     def fit(self, stop_at: int | None = None) -> Path | None:
@@ -735,6 +755,7 @@ class Trainer:
             "lr": last["lr"],
             "grad_norm": last["grad_norm"],
             "context": last["context"],
+            "ctc_only": last["ctc_only"],  # the loss is then the CTC loss alone
             "utterances": sum(r["utterances"] for r in window),
             "skipped": self.skips.total,
             "elapsed_s": round(elapsed, 3),
