@@ -46,15 +46,16 @@ from caster import manifest
 from caster.config import PromptConfig
 from caster.languages import AUTO, LanguageError, resolve_language
 from caster.model import Model
-from caster.scoring import add_count, metric_of
+from caster.scoring import metric_of
 from caster.train.data import ManifestEntry, SkipCounter, read_manifest
 from caster.train.evaluate import (
-    ErrorCounts,
     Scores,
+    character_rates,
     error_rates,
     language_id_rates,
     merge_scores,
     prompt_modes,
+    rate_prefix,
     score_entries,
 )
 
@@ -138,26 +139,6 @@ def check_languages(prompt: PromptConfig | None, entries: Iterable[ManifestEntry
         raise ValueError(f"the model's prompt dictionary lacks {', '.join(sorted(missing))}")
 
 
-def prefix(ms: int, mode: str) -> str:
-    """The key prefix `error_rates` uses: the mode is left out for the language prompt."""
-    return f"{ms}ms" if mode == "language" else f"{ms}ms/{mode}"
-
-
-def character_rates(counts: ErrorCounts) -> dict[str, float]:
-    """CER of every language keyed "<ms>ms[/<mode>]/<language>/cer"; "all" pools them.
-
-    `error_rates` would key a WER language's CER ".../wer" and pool by metric.
-    """
-    rates: dict[str, float] = {}
-    pooled: ErrorCounts = {}
-    for (ms, mode, language), count in sorted(counts.items()):
-        rates[f"{prefix(ms, mode)}/{language}/cer"] = count.errors / max(count.units, 1)
-        add_count(pooled, (ms, mode, "all"), count)
-    for (ms, mode, _), count in pooled.items():
-        rates[f"{prefix(ms, mode)}/all/cer"] = count.errors / max(count.units, 1)
-    return rates
-
-
 def macro_averages(scores: Scores) -> dict[str, float]:
     """Means of the per-locale rates: "<ms>ms[/<mode>]/macro/{error,cer}" and
     "<ms>ms/auto/macro/lid"; "error" is each locale's own metric (WER, or CER)."""
@@ -165,10 +146,10 @@ def macro_averages(scores: Scores) -> dict[str, float]:
     for metric, counts in (("error", scores.errors), ("cer", scores.characters)):
         for (ms, mode, _), count in sorted(counts.items()):
             if count.units:  # a locale without reference units has no rate to average
-                key = f"{prefix(ms, mode)}/macro/{metric}"
-                rates.setdefault(key, []).append(count.errors / count.units)
+                key = f"{rate_prefix(ms, mode)}/macro/{metric}"
+                rates.setdefault(key, []).append(count.rate)
     for (ms, _), count in sorted(scores.language_id.items()):
-        rates.setdefault(f"{ms}ms/{AUTO}/macro/lid", []).append(1.0 - count.errors / count.units)
+        rates.setdefault(f"{ms}ms/{AUTO}/macro/lid", []).append(1.0 - count.rate)
     return {key: sum(values) / len(values) for key, values in rates.items()}
 
 
@@ -176,7 +157,7 @@ def count_table(counts: dict[tuple, Any]) -> dict[str, dict[str, int]]:
     """Counts keyed "<ms>ms[/<mode>]/<language>" (language id counts: "<ms>ms/auto/...")."""
     table = {}
     for key, count in sorted(counts.items()):
-        head = prefix(key[0], key[1]) if len(key) == 3 else prefix(key[0], AUTO)
+        head = rate_prefix(key[0], key[1]) if len(key) == 3 else rate_prefix(key[0], AUTO)
         table[f"{head}/{key[-1]}"] = dataclasses.asdict(count)
     return table
 

@@ -186,9 +186,22 @@ def error_rates(counts: ErrorCounts) -> dict[str, float]:
     """
     rates: dict[str, float] = {}
     for (ms, mode, language), count in sorted(counts.items()):
-        rates[f"{_prefix(ms, mode)}/{language}/{metric_of(language)}"] = _rate(count)
+        rates[f"{rate_prefix(ms, mode)}/{language}/{metric_of(language)}"] = _rate(count)
     for (ms, mode, metric), count in pooled_counts(counts).items():
-        rates[f"{_prefix(ms, mode)}/all/{metric}"] = _rate(count)
+        rates[f"{rate_prefix(ms, mode)}/all/{metric}"] = _rate(count)
+    return rates
+
+
+def character_rates(counts: ErrorCounts) -> dict[str, float]:
+    """CER of every language (`Scores.characters`) keyed "<ms>ms[/<mode>]/<language>/cer";
+    language "all" pools every language (unlike `error_rates`, which pools per metric)."""
+    rates: dict[str, float] = {}
+    pooled: ErrorCounts = {}
+    for (ms, mode, language), count in sorted(counts.items()):
+        rates[f"{rate_prefix(ms, mode)}/{language}/cer"] = _rate(count)
+        add_count(pooled, (ms, mode, "all"), count)
+    for (ms, mode, _), count in pooled.items():
+        rates[f"{rate_prefix(ms, mode)}/all/cer"] = _rate(count)
     return rates
 
 
@@ -204,7 +217,8 @@ def language_id_rates(counts: LanguageIdCounts) -> dict[str, float]:
     return rates
 
 
-def _prefix(ms: int, mode: str) -> str:
+def rate_prefix(ms: int, mode: str) -> str:
+    """The rate keys' head: the mode is left out for "language" (the true-language prompt)."""
     return f"{ms}ms" if mode == "language" else f"{ms}ms/{mode}"
 
 
