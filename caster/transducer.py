@@ -121,6 +121,7 @@ class Transducer(nn.Module):
                 nn.ReLU(),
                 nn.Linear(2 * d_model, d_model),
             )
+            _start_as_identity(self.prompt_kernel, d_model)
 
     def apply_prompt(self, encoded: Tensor, prompt: Tensor | None) -> Tensor:
         """Condition encoder frames on each stream's language prompt.
@@ -183,3 +184,23 @@ class Transducer(nn.Module):
         return PredictorState(
             h=h.transpose(0, 1), c=c.transpose(0, 1), output=self.joint.pred(out[:, 0].float())
         )
+
+
+@torch.no_grad()
+def _start_as_identity(prompt_kernel: nn.Sequential, d_model: int) -> None:
+    """Start a fresh prompt kernel as the identity on the encoder frames, prompts at zero.
+
+    relu(x) - relu(-x) = x: the first layer's 2D units are +x and -x, the second adds them
+    back. With PyTorch's random init, trained from scratch, this ReLU layer sat between the
+    encoder and both heads and kept it on the blank plateau: one fixed batch of 8 utterances
+    (CTC, 160 steps) went from loss 210 to 30, against 1.6 with this start and 0.03 with no
+    prompt kernel at all. Loaded checkpoints overwrite it.
+    """
+    first, _, second = prompt_kernel
+    eye = torch.eye(d_model)
+    first.weight.zero_()  # (2D, D+P): the prompt columns start at zero
+    first.weight[:d_model, :d_model] = eye
+    first.weight[d_model:, :d_model] = -eye
+    first.bias.zero_()
+    second.weight.copy_(torch.cat([eye, -eye], dim=1))  # (D, 2D)
+    second.bias.zero_()

@@ -24,7 +24,7 @@ from conftest import DATA, PROMPT_MODEL, ROOT, nemo_path
 import caster
 from caster.checkpoint import load_checkpoint
 from caster.checkpoint.native import save_native
-from caster.config import EncoderConfig, PromptConfig
+from caster.config import EncoderConfig, ModelConfig, PromptConfig
 from caster.languages import NEMOTRON_3_5_PROMPT, LanguageError
 from caster.scoring import ErrorCount
 from caster.train.cli import add_eval_arguments, add_train_arguments, run_eval, run_train
@@ -39,6 +39,7 @@ from caster.train.config import (
 )
 from caster.train.evaluate import (
     choose_prompts,
+    ctc_greedy,
     error_rates,
     language_id_rates,
     trained_chunk_ms,
@@ -365,6 +366,24 @@ def test_prompt_choice_modes():
         choose_prompts(["fr-FR"], prompt, "language", 0.0, generator)
 
 
+def test_a_fresh_prompt_kernel_passes_frames_through_and_its_prompts_train():
+    # A random ReLU prompt kernel between the encoder and the heads held training from
+    # scratch on the blank plateau (transducer._start_as_identity); a fresh one is the
+    # identity for every prompt, and the prompt columns still learn.
+    config = ModelConfig(
+        encoder=EncoderConfig(n_layers=1, d_model=16, n_heads=2, subsampling_conv_channels=8),
+        prompt=PromptConfig(num_prompts=4, dictionary={"en-US": 0, "auto": 3}),
+    )
+    net = Transducer(config)
+    frames = torch.randn(2, 5, 16)
+    for prompt in ([0, 3], [1, 2]):
+        assert torch.equal(net.apply_prompt(frames, torch.tensor(prompt)), frames)
+    net.apply_prompt(frames, torch.tensor([0, 3])).pow(2).sum().backward()
+    prompt_columns = net.prompt_kernel[0].weight.grad[:, 16:]  # (2D, P)
+    assert prompt_columns[:, [0, 3]].abs().sum() > 0
+    assert prompt_columns[:, [1, 2]].abs().sum() == 0  # prompts not in the batch
+
+
 def test_new_languages_take_free_slots():
     grown = add_languages(NEMOTRON_3_5_PROMPT, ["is-IS", "en-US", "ga-IE"])
     assert grown.dictionary["is-IS"] == 63  # the 3.5 dictionary's first unused index
@@ -493,7 +512,8 @@ def test_ctc_only_steps_train_the_encoder_alone_first(tmp_path):
         tmp_path / "run",
         manifest,
         model={"ctc_weight": 0.3, "ctc_only_steps": 2},
-        run={"max_steps": 3, "save_every": 1, "log_every": 1},
+        data={"validation": [str(manifest)]},
+        run={"max_steps": 3, "save_every": 1, "log_every": 1, "val_every": 1},
     )
     states = []
     for stop in (1, 2, 3):
@@ -511,6 +531,18 @@ def test_ctc_only_steps_train_the_encoder_alone_first(tmp_path):
     assert changed(states[1], states[2], "decoder.")
     assert changed(states[1], states[2], "joint.")
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert [r["ctc_only"] for r in records] == [True, True, False]
+    assert [r["ctc_only"] for r in records if "loss" in r] == [True, True, False]
+    # Validation reads the CTC head up to the last CTC-only step, then the transducer.
+    validations = [(r["step"], r["decoder"]) for r in records if "val" in r]
+    assert validations == [(1, "ctc"), (2, "ctc"), (3, "transducer")]
+    rates = [r["val"] for r in records if "val" in r]
+    assert rates[0].keys() == rates[2].keys()  # the same table either way
     with pytest.raises(TrainConfigError, match="ctc_only_steps"):
         TrainConfig.from_dict({**raw, "model": {"ctc_only_steps": 5}})
+
+
+def test_ctc_greedy_merges_repeats_drops_blanks_and_stops_at_the_length():
+    blank = 0
+    labels = torch.tensor([[0, 3, 3, 0, 3, 5, 5, 0, 2], [4, 4, 0, 4, 1, 1, 1, 1, 1]])
+    logits = torch.nn.functional.one_hot(labels, 6).float()  # (B, T, V+1)
+    assert ctc_greedy(logits, torch.tensor([9, 4]), blank) == [[3, 3, 5, 2], [4, 4]]

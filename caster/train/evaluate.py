@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from caster.config import ModelConfig, PromptConfig
 from caster.decoding import greedy_decode, initial_decoder_state
@@ -80,6 +80,7 @@ def evaluate(
     chunk_ms: Sequence[int],
     prompt_modes: dict[str, Callable[[Sequence[str | None]], Tensor | None]],
     device: torch.device,
+    ctc_head: nn.Module | None = None,
 ) -> Scores:
     """Greedy-decode batches at several chunk sizes and prompt modes; count errors.
 
@@ -95,6 +96,9 @@ def evaluate(
         prompt_modes: mode name -> function giving the (B,) prompt indices of a batch's
             languages (None for a model without a prompt).
         device: where the model is.
+        ctc_head: decode with this training-only CTC head (greedy) instead of the
+            transducer: what the encoder has learnt while the prediction network and joint
+            have not trained yet (`model.ctc_only_steps`).
 
     Returns:
         error and unit counts per (chunk_ms, mode, language), and in `auto` mode the
@@ -115,11 +119,18 @@ def evaluate(
                 prompted = net.apply_prompt(
                     encoded, None if prompts is None else prompts.to(device)
                 )
-                hyps, _ = greedy_decode(
-                    net, prompted, lengths, initial_decoder_state(net, batch.size)
-                )
-                for hyp, index, language in zip(hyps, batch.indices, batch.languages, strict=True):
-                    text, tags = tokenizer.split_language_tags(tokenizer.decode(hyp.token_ids))
+                if ctc_head is None:
+                    state = initial_decoder_state(net, batch.size)
+                    token_ids = [
+                        h.token_ids for h in greedy_decode(net, prompted, lengths, state)[0]
+                    ]
+                else:
+                    blank = net.cfg.decoder.blank_id
+                    token_ids = ctc_greedy(ctc_head(prompted), lengths, blank)
+                for ids, index, language in zip(
+                    token_ids, batch.indices, batch.languages, strict=True
+                ):
+                    text, tags = tokenizer.split_language_tags(tokenizer.decode(ids))
                     reference, _ = tokenizer.split_language_tags(references(index))
                     key = (ms, mode, language or "none")
                     characters = count_errors(reference, text, True)
@@ -132,6 +143,24 @@ def evaluate(
                         wrong = not tags or tags[-1] != language
                         add_count(scores.language_id, (ms, language), ErrorCount(int(wrong), 1, 1))
     return scores
+
+
+def ctc_greedy(logits: Tensor, lengths: Tensor, blank: int) -> list[list[int]]:
+    """Best-path CTC decoding: the most likely label per frame, repeats merged, blanks dropped.
+
+    Args:
+        logits: (B, T, V+1) per-frame label scores; lengths: (B,) valid frames.
+    """
+    best = logits.argmax(-1).tolist()  # (B, T)
+    sequences = []
+    for labels, length in zip(best, lengths.tolist(), strict=True):
+        ids, previous = [], blank
+        for label in labels[:length]:
+            if label != previous and label != blank:
+                ids.append(label)
+            previous = label
+        sequences.append(ids)
+    return sequences
 
 
 def score_entries(

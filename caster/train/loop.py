@@ -775,6 +775,9 @@ class Trainer:
             generator=torch.Generator().manual_seed(0),
         )
         modes = prompt_modes(self.config.prompt, cfg.run.prompt_mode)
+        # Up to the last CTC-only step the prediction network and joint are untrained: score
+        # what the encoder has learnt through the CTC head instead.
+        ctc_head = self.loss.ctc_head if self.step <= cfg.model.ctc_only_steps else None
         with self._averaged():
             self.net.eval()
             try:
@@ -786,16 +789,18 @@ class Trainer:
                     self.val_chunks,
                     modes,
                     info.device,
+                    ctc_head,
                 )
             finally:
                 set_train_mode(self.net, self.frozen)
         scores = merge_scores(all_gather_objects(scores, info))
         rates = error_rates(scores.errors) | language_id_rates(scores.language_id)
         if info.is_main:
-            write_metrics(self.metrics_path, {"step": self.step, "val": rates})
+            decoder = "transducer" if ctc_head is None else "ctc"
+            write_metrics(self.metrics_path, {"step": self.step, "val": rates, "decoder": decoder})
             if not plot_metrics(read_metrics(self.metrics_path), self.out / PLOT_FILE):
                 logger.warning("no %s: matplotlib is not installed (caster[train])", PLOT_FILE)
-            logger.info("step %d validation: %s", self.step, rates)
+            logger.info("step %d validation (%s): %s", self.step, decoder, rates)
         return rates
 
     def save(self) -> Path:

@@ -1,8 +1,9 @@
 """What a run reports: `metrics.jsonl` (one JSON object per line), its plot, a progress bar.
 
-Training records hold `step`, `epoch`, `loss`, `lr`, `grad_norm`, `context`,
-`utterances`, `skipped` and `elapsed_s`; validation records hold `step` and `val`
-(the rates of `caster.train.evaluate.error_rates`).
+Training records hold `step`, `epoch`, `loss`, `lr`, `grad_norm`, `context`, `ctc_only`,
+`utterances`, `skipped` and `elapsed_s`; validation records hold `step`, `val` (the rates
+of `caster.train.evaluate.error_rates`) and `decoder` ("transducer", or "ctc": the
+training-only CTC head decoded greedily, up to the last of `model.ctc_only_steps`).
 """
 
 from __future__ import annotations
