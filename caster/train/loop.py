@@ -652,7 +652,7 @@ class Trainer:
         local = sum(b.size for b in slots)
         count = float(all_reduce_sum(torch.tensor(float(local), device=device), info))
         context = sample_context(self.config.encoder, cfg.seed, self.step)
-        ctc_only = self.step < cfg.model.ctc_only_steps
+        ctc_only = self._ctc_only(self.step)
         lr = learning_rate(self.step, cfg.optim, cfg.run.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -775,9 +775,9 @@ class Trainer:
             generator=torch.Generator().manual_seed(0),
         )
         modes = prompt_modes(self.config.prompt, cfg.run.prompt_mode)
-        # Up to the last CTC-only step the prediction network and joint are untrained: score
-        # what the encoder has learnt through the CTC head instead.
-        ctc_head = self.loss.ctc_head if self.step <= cfg.model.ctc_only_steps else None
+        # After a CTC-only step the prediction network and joint are untrained: score what
+        # the encoder has learnt through the CTC head instead.
+        ctc_head = self.loss.ctc_head if self.step and self._ctc_only(self.step - 1) else None
         with self._averaged():
             self.net.eval()
             try:
@@ -834,6 +834,10 @@ class Trainer:
         with self._averaged():
             state = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
         return Checkpoint(self.config, state, self.tokenizer_model)
+
+    def _ctc_only(self, step: int) -> bool:
+        """Whether step `step` (counted from 0) trains the encoder with the CTC loss alone."""
+        return step < self.cfg.model.ctc_only_steps
 
     def _averaged(self) -> contextlib.AbstractContextManager:
         """Within the block, the network holds the weight average, if the run keeps one."""
