@@ -42,7 +42,10 @@ from caster.server import cli as server_cli
 from caster.train.cli import add_eval_arguments, add_train_arguments, run_eval, run_train
 from caster.transcribe import transcribe_many
 
-MODEL_HELP = "a .nemo file, a Hugging Face or caster model directory, or preset:<name>"
+MODEL_HELP = (
+    "a .nemo file, a Hugging Face or caster model directory, or preset:<name>; default: "
+    "caster's built-in demonstration model (caster/models/caster-demo-40)"
+)
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -475,7 +478,7 @@ def _bench_suites() -> dict[str, Path]:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, language_note: str) -> None:
-    parser.add_argument("--model", required=True, metavar="PATH", help=MODEL_HELP)
+    parser.add_argument("--model", default=None, metavar="PATH", help=MODEL_HELP)
     parser.add_argument(
         "--language",
         default=None,
@@ -504,7 +507,8 @@ def _load_model(args: argparse.Namespace) -> Model | None:
     try:
         return caster.load(args.model, device=args.device, int8=args.int8, dtype=args.dtype)
     except (ValueError, OSError, RuntimeError) as e:  # bad file, bad device
-        print(f"caster: cannot load {args.model}: {e}", file=sys.stderr)
+        name = args.model if args.model is not None else "the default model"
+        print(f"caster: cannot load {name}: {e}", file=sys.stderr)
         return None
 
 

@@ -183,16 +183,23 @@ class Model:
 
 
 PRESET_PREFIX = "preset:"
+# caster's own small model, shipped in the package (its MODEL_CARD.md says what it is): what
+# `load()`, `caster transcribe` and `caster serve` use when no model is named.
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "caster-demo-40"
 
 
 def load(
-    path: str | os.PathLike,
+    path: str | os.PathLike | None = None,
     device: torch.device | str = "cpu",
     *,
     int8: bool = False,
     dtype: torch.dtype | str | None = None,
 ) -> Model:
     """Load a `.nemo` file, a Hugging Face directory or a caster directory.
+
+    With no path, caster's built-in demonstration model (`DEFAULT_MODEL`): 40 locales and
+    `auto`, every chunk size, trained by caster on synthetic and a little real speech; a
+    test and demo model, not a replacement for NVIDIA's checkpoints.
 
     `preset:<name>` builds a released model's architecture with random weights
     (see `caster.presets`), for tests and benchmarks without a download.
@@ -201,6 +208,8 @@ def load(
     `dtype=torch.bfloat16` (or "bf16", float16/"fp16") runs the network in half
     precision, the GPU fast path (see `Model`); float32 when None.
     """
+    if path is None:
+        path = DEFAULT_MODEL
     if isinstance(path, str) and path.startswith(PRESET_PREFIX):
         from caster.presets import random_checkpoint
 

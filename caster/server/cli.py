@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=env("CASTER_MODEL"),
-        required=env("CASTER_MODEL") is None,
-        help="a .nemo file, Hugging Face or caster directory, or preset:<name> (env CASTER_MODEL)",
+        help="a .nemo file, Hugging Face or caster directory, or preset:<name> (env "
+        "CASTER_MODEL; default: caster's built-in demonstration model)",
     )
     option("--device", str, "cpu", "torch device of the model")
     parser.add_argument(

@@ -62,8 +62,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifests", nargs="+", help="JSON-lines manifests with reference text")
     parser.add_argument(
         "--model",
-        required=True,
-        help="a .nemo file, a Hugging Face or caster model directory, or preset:<name>",
+        default=None,
+        help="a .nemo file, a Hugging Face or caster model directory, or preset:<name>; "
+        "default: caster's built-in demonstration model",
     )
     parser.add_argument(
         "--language",

@@ -110,6 +110,9 @@ class OptimSection:
     schedule: str = "cosine"  # after warm-up: cosine (to min_lr at max_steps), noam, constant
     grad_clip: float | None = 1.0  # max global gradient norm (None: no clipping)
     accumulate: int = 1  # micro-batches per optimizer step
+    # Step the subsampling's output Linear as if its inputs were centred (caster.train.centering;
+    # the model is unchanged): from scratch, caster's encoder stayed on the blank plateau without.
+    centre_front: bool = True
 
 
 @dataclass(frozen=True)

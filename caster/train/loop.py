@@ -54,6 +54,7 @@ from caster.languages import AUTO, LanguageError, resolve_language
 from caster.model import build_transducer
 from caster.tokenizer import Tokenizer
 from caster.train.augment import spec_augment
+from caster.train.centering import CentredInputs
 from caster.train.config import (
     AugmentSection,
     OptimSection,
@@ -434,6 +435,11 @@ class Trainer:
         if not self.params:
             raise TrainConfigError("model.freeze leaves nothing to train")
         self.optimizer = adamw(self.params, cfg.optim)
+        self.centring = (
+            CentredInputs(net.encoder.pre_encode, self.config.encoder.num_subsampling_stages, info)
+            if cfg.optim.centre_front
+            else None
+        )
         self.ema = None if cfg.run.ema_decay is None else WeightAverage(net, cfg.run.ema_decay)
         self.step = self.epoch = self.position = 0
         self.precision = self._precision()
@@ -587,6 +593,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             if self.ema is not None:
                 self.ema.load_state_dict(state["ema"])
+            if self.centring is not None and state.get("centring") is not None:
+                self.centring.load_state_dict(state["centring"])
             self.step, self.epoch = int(state["step"]), int(state["epoch"])
             self.position = int(state["position"])
             rngs = list(state["rng"])
@@ -683,10 +691,14 @@ class Trainer:
                 # the result the mean over every utterance of the step.
                 (losses.sum() * (info.world_size / count)).backward()
             total += losses.detach().sum()
+        if self.centring is not None:
+            self.centring.centre_gradients()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
         if math.isfinite(grad_norm):
             self.optimizer.step()
+            if self.centring is not None:
+                self.centring.correct_bias()
             if self.ema is not None:
                 self.ema.update(self.net)
         else:
@@ -820,6 +832,7 @@ class Trainer:
                 "tokenizer": torch.frombuffer(bytearray(self.tokenizer_model), dtype=torch.uint8),
                 "optimizer": self.optimizer.state_dict(),
                 "ema": None if self.ema is None else self.ema.state_dict(),
+                "centring": None if self.centring is None else self.centring.state_dict(),
                 "rng": rngs,
                 "train_config": self.cfg.to_dict(),
             }
