@@ -66,6 +66,18 @@ BATCH_SECONDS = 120.0  # audio per batch, `caster eval`'s default
 SETS = ("synthetic", "asterisk")
 
 
+def corpus_build(corpus: Path) -> str:
+    """The corpus as its build settings (OUT/build.json), not as a path of one machine."""
+    try:
+        build = json.loads((corpus / "build.json").read_text(encoding="utf-8"))
+        return (
+            f"`caster data build` seed {build['seed']}, max_per_split {build['max_per_split']}, "
+            f"engines {', '.join(build['engines'])}, text {', '.join(build['text_sources'])}"
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown build (no readable build.json)"
+
+
 def read_test_sets(corpus: Path, skips: SkipCounter) -> dict[str, list[ManifestEntry]]:
     """All usable test entries of a corpus, split into "synthetic" and "asterisk".
 
@@ -309,7 +321,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"- Machine: {m['cpu']} ({m['cores']} cores), torch threads: {m['threads']}, "
         f"torch {m['torch']}, load average at start {[round(x, 2) for x in m['load_average']]}",
         f"- Date: {report['date']}",
-        f"- Corpus: `{settings['corpus']}`",
+        f"- Corpus: {settings['corpus']}",
     ]
     if "synthetic" in sets:
         part = sets["synthetic"]
@@ -501,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             "weights": sum(p.numel() for p in model.net.parameters()),
         },
         "settings": {
-            "corpus": str(args.corpus),
+            "corpus": corpus_build(args.corpus),
             "per_locale": args.per_locale,
             "chunk_ms": args.chunk_ms,
             "workers": args.workers,

@@ -92,7 +92,7 @@ def test_the_centred_step_equals_a_step_of_the_centred_parametrisation():
     first_mean = inputs.mean(0)
     expected = centred_reference(module, mel, lengths, first_mean)
 
-    centring = CentredInputs(module, stages=3, info=SINGLE)
+    centring = CentredInputs(module, SINGLE)
     optimizer = torch.optim.Adam(module.out.parameters(), lr=0.1)
     module.train()
 
@@ -113,7 +113,7 @@ def test_the_centred_step_equals_a_step_of_the_centred_parametrisation():
 
 def test_the_mean_is_not_recorded_outside_training_and_round_trips():
     module = front(channels=64)
-    centring = CentredInputs(module, stages=3, info=SINGLE)
+    centring = CentredInputs(module, SINGLE)
     mel = torch.rand(1, 16, 32)
     module.eval()
     module(mel, torch.tensor([16]))
@@ -124,6 +124,6 @@ def test_the_mean_is_not_recorded_outside_training_and_round_trips():
     assert centring.steps == 0 and not centring.mean.any()
     module(mel, torch.tensor([16]))
     centring.centre_gradients()
-    restored = CentredInputs(front(channels=64), stages=3, info=SINGLE)
+    restored = CentredInputs(front(channels=64), SINGLE)
     restored.load_state_dict(centring.state_dict())
     assert restored.steps == 1 and torch.equal(restored.mean, centring.mean)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from caster.encoder import ConvSubsampling, subsampled_length
+from caster.encoder import ConvSubsampling
 from caster.train.distributed import DistInfo, all_reduce_sum
 
 # Weight of the newest step's mean in the running mean.
@@ -30,45 +30,45 @@ MOMENTUM = 0.01
 class CentredInputs:
     """Running mean of a ConvSubsampling's Linear inputs and the step transform it implies.
 
-    Use: `observe` hooks record each training forward; per optimizer step call
-    `centre_gradients()` after backward (before clipping), then `correct_bias()` after the
-    step. Frames past an utterance's length are not counted.
+    Hooks on the front record each training forward (frames past an utterance's length are
+    not counted); per optimizer step call `centre_gradients()` after backward (before
+    clipping), then `correct_bias()` after the step.
     """
 
-    def __init__(self, front: ConvSubsampling, stages: int, info: DistInfo) -> None:
+    def __init__(self, front: ConvSubsampling, info: DistInfo) -> None:
         self.linear = front.out
         self.info = info
-        self.stages = stages
         self.mean = torch.zeros(front.out.in_features, device=front.out.weight.device)
         self.steps = 0  # steps folded into `mean` (the first one sets it)
         # This step's valid input frames, summed, and their count (over micro-batches, then
         # processes: the mean does not depend on how the step's batch is split).
-        self._sum = torch.zeros_like(self.mean)
-        self._frames = 0
-        self._lengths: Tensor | None = None
+        self._sum = torch.zeros(self.mean.numel() + 1, device=self.mean.device)
+        self._inputs: Tensor | None = None
         self._weight_before: Tensor | None = None
-        front.register_forward_pre_hook(self._record_lengths)
-        front.out.register_forward_pre_hook(self._record_inputs)
+        front.out.register_forward_pre_hook(self._keep_inputs)
+        front.register_forward_hook(self._record_inputs)
 
-    def _record_lengths(self, module: nn.Module, args: tuple[Tensor, Tensor]) -> None:
-        self._lengths = args[1] if module.training and torch.is_grad_enabled() else None
+    def _keep_inputs(self, module: nn.Module, args: tuple[Tensor]) -> None:
+        recording = module.training and torch.is_grad_enabled()
+        self._inputs = args[0].detach() if recording else None
 
-    def _record_inputs(self, module: nn.Module, args: tuple[Tensor]) -> None:
-        if self._lengths is None:
+    def _record_inputs(
+        self, module: nn.Module, args: tuple[Tensor, Tensor], output: tuple[Tensor, Tensor]
+    ) -> None:
+        """After the front's forward: its output lengths say which inputs were frames."""
+        if self._inputs is None:
             return
-        x = args[0].detach().float()  # (B, T', C*F')
-        lengths = subsampled_length(self._lengths, self.stages).clamp(max=x.shape[1])
+        x = self._inputs.float()  # (B, T', C*F')
+        lengths = output[1]
         valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]  # (B, T')
-        self._sum += (x * valid[..., None]).sum((0, 1))
-        self._frames += int(valid.sum())
-        self._lengths = None
+        self._sum[:-1] += (x * valid[..., None]).sum((0, 1))
+        self._sum[-1] += valid.sum()
+        self._inputs = None
 
     def centre_gradients(self) -> None:
         """Fold this step's batches into the mean and centre the Linear's weight gradient."""
-        frames = torch.tensor([float(self._frames)], device=self._sum.device)
-        totals = all_reduce_sum(torch.cat([self._sum, frames]), self.info)
+        totals = all_reduce_sum(self._sum, self.info)
         self._sum.zero_()
-        self._frames = 0
         if totals[-1] > 0:
             step_mean = totals[:-1] / totals[-1]
             if self.steps == 0:

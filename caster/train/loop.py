@@ -435,11 +435,8 @@ class Trainer:
         if not self.params:
             raise TrainConfigError("model.freeze leaves nothing to train")
         self.optimizer = adamw(self.params, cfg.optim)
-        self.centring = (
-            CentredInputs(net.encoder.pre_encode, self.config.encoder.num_subsampling_stages, info)
-            if cfg.optim.centre_front
-            else None
-        )
+        front = net.encoder.pre_encode
+        self.centring = CentredInputs(front, info) if cfg.optim.centre_front else None
         self.ema = None if cfg.run.ema_decay is None else WeightAverage(net, cfg.run.ema_decay)
         self.step = self.epoch = self.position = 0
         self.precision = self._precision()
