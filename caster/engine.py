@@ -5,7 +5,8 @@ leave at any time. Each `step` takes every stream that has a whole chunk of
 mel frames (or its final partial chunk), runs one batched encoder step and one
 batched greedy decoding step per attention context (`step_streams`), and hands
 each stream its own states back. A stream's tokens are exactly those it gets
-when it runs alone: batched rows never mix, and ragged chunks are masked.
+when it runs alone: batched rows never mix, and ragged chunks are masked. A
+batch whose step raises fails only its own streams; the engine goes on serving.
 
 Streams with different chunk sizes have different attention contexts: their
 chunk lengths and attention masks differ, so they are stepped in one batch per
@@ -109,6 +110,7 @@ class _Record(StreamState):
     ending: bool = False  # no more audio will come
     done: bool = False  # every frame decoded, last segment final
     closed: bool = False
+    error: Exception | None = None  # its step failed: the stream cannot go on
     feed_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -310,7 +312,7 @@ class Engine:
         record = self._record(stream)
         with record.feed_lock:
             with self._lock:
-                self._raise_if_failed()
+                self._raise_if_failed(record)
                 if record.ending or record.closed:
                     return
             with torch.inference_mode():
@@ -336,12 +338,18 @@ class Engine:
         with self._lock:
             if self._worker is not None and not self._changed.wait_for(
                 lambda: (
-                    record.done or record.closed or self._error is not None or self._worker is None
+                    record.done
+                    or record.closed
+                    or record.error is not None
+                    or self._error is not None
+                    or self._worker is None
                 ),
                 timeout,
             ):
                 raise TimeoutError(f"stream {record.id} was not finished in {timeout} s")
         while not (record.done or record.closed):  # no worker (any more): step here
+            with self._lock:
+                self._raise_if_failed(record)
             self.step()
         if record.closed and not record.done:
             raise EngineError(f"stream {record.id} was closed before it finished")
@@ -389,6 +397,8 @@ class Engine:
 
         Ready streams are grouped by attention context and batched up to
         `max_batch`; each batch is one encoder step and one greedy decoding step.
+        A batch whose step raises fails its own streams (their callers get an
+        `EngineError`); the other batches and streams go on.
 
         Returns:
             the number of streams advanced.
@@ -398,18 +408,20 @@ class Engine:
                 self._raise_if_failed()
                 batches = self._take_chunks()
             try:
-                computed = [self._compute_batch(batch) for batch in batches]
-            except BaseException as e:
-                # The batch's chunks are consumed and its states not updated: those
-                # streams cannot go on, so the engine stops serving (its error is
-                # raised to every caller from now on).
+                computed = [self._try_batch(batch) for batch in batches]
+            except BaseException as e:  # an interrupt, not a failed batch: the engine stops
                 with self._lock:
                     self._error = e
                     for record in self._streams.values():
                         self._wake(record)
                 raise
             with self._lock:
-                for batch, (hyps, decoded) in zip(batches, computed, strict=True):
+                for batch, outcome in zip(batches, computed, strict=True):
+                    if isinstance(outcome, Exception):
+                        for record in batch.records:
+                            self._fail(record, outcome)
+                        continue
+                    hyps, decoded = outcome
                     for record, chunk, hyp, frames in zip(
                         batch.records, batch.chunks, hyps, decoded, strict=True
                     ):
@@ -456,7 +468,7 @@ class Engine:
         """
         record = self._record(stream)
         with record.feed_lock, self._compute, self._lock:
-            self._raise_if_failed()
+            self._raise_if_failed(record)
             if record.ending or record.closed:
                 raise EngineError(f"stream {record.id} has ended: only live streams can be saved")
             return serialize_stream(self._snapshot(record), self._fingerprint)
@@ -500,12 +512,14 @@ class Engine:
                 self._vad = SileroVad.from_package()
             return self._vad
 
-    def _raise_if_failed(self) -> None:
+    def _raise_if_failed(self, record: _Record | None = None) -> None:
         if self._error is not None:
             raise EngineError("the engine's worker failed; open new streams") from self._error
+        if record is not None and record.error is not None:
+            raise EngineError(f"stream {record.id} failed: {record.error}") from record.error
 
     def _check_can_feed(self, record: _Record) -> None:
-        self._raise_if_failed()
+        self._raise_if_failed(record)
         if record.closed:
             raise UnknownStreamError(f"stream {record.id} is closed")
         if record.ending:
@@ -572,7 +586,7 @@ class Engine:
         return self.model.net.encoder.chunk_frames(record.context, record.first_chunk)
 
     def _ready(self, record: _Record) -> bool:
-        if record.done or record.in_flight:
+        if record.done or record.in_flight or record.error is not None:
             return False
         have = record.pending.shape[1]
         return have >= self._need(record) or (record.ending and have > 0)
@@ -604,6 +618,13 @@ class Engine:
     def _upload(self, values: list[int]) -> Tensor:
         """Integers as a tensor on the model's device."""
         return torch.tensor(values, pin_memory=self._pin).to(self.model.device, non_blocking=True)
+
+    def _try_batch(self, batch: _Batch) -> tuple[list[Hypothesis], list[int]] | Exception:
+        """`_compute_batch`'s result, or the error that stopped it."""
+        try:
+            return self._compute_batch(batch)
+        except Exception as e:  # reported to this batch's streams only, by `step`
+            return e
 
     def _compute_batch(self, batch: _Batch) -> tuple[list[Hypothesis], list[int]]:
         """One batched step of streams sharing a context: their new labels and the
@@ -709,6 +730,14 @@ class Engine:
             duration=record.mel_state.samples_seen / self.model.config.mel.sample_rate,
         )
 
+    def _fail(self, record: _Record, error: Exception) -> None:
+        """A stream whose step raised: its chunk is consumed and its states may be half
+        written, so it cannot go on; its slot goes back (rows are rewritten when reused)."""
+        record.in_flight = False
+        record.error = error
+        self._release(record)
+        self._wake(record)
+
     def _complete(self, record: _Record) -> None:
         if record.open_start < len(record.token_ids):
             self._finalize(record, len(record.token_ids))
@@ -751,6 +780,7 @@ class Engine:
                         record.events
                         or record.done
                         or record.closed
+                        or record.error is not None
                         or self._error is not None
                         or self._worker is None
                     )
@@ -760,7 +790,7 @@ class Engine:
                 elif record.done or record.closed:
                     return
                 else:
-                    self._raise_if_failed()
+                    self._raise_if_failed(record)
                     raise EngineError("iterating a stream's events needs the worker: start()")
             yield event
 
@@ -784,7 +814,7 @@ class _AsyncEvents:
                     return record.events.popleft()
                 if record.done or record.closed:
                     raise StopAsyncIteration
-                engine._raise_if_failed()
+                engine._raise_if_failed(record)
                 if engine._worker is None:
                     raise EngineError("iterating a stream's events needs the worker: start()")
                 future = loop.create_future()

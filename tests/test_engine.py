@@ -162,19 +162,37 @@ def test_errors(model, clips):
     assert engine.open().finish().segments == ()  # a stream without audio
 
 
-def test_a_failed_step_reaches_every_caller(model, clips, monkeypatch):
-    def broken(*args):
-        raise RuntimeError("out of memory")
+def test_a_failed_step_fails_only_its_streams(model, clips, monkeypatch):
+    import caster.engine
 
-    monkeypatch.setattr("caster.engine.step_streams", broken)
-    with Engine(model) as engine:
-        handle = engine.open()
-        handle.feed(clips[0])
+    real_step, chunks = caster.engine.step_streams, model.config.supported_chunk_ms()
+    broken_context = model.config.context_for_chunk_ms(chunks[0])
+
+    def step_streams(net, mel, lengths, prompts, encoder, decoder, context, graph):
+        if context == broken_context:
+            raise RuntimeError("out of memory")
+        return real_step(net, mel, lengths, prompts, encoder, decoder, context, graph)
+
+    monkeypatch.setattr(caster.engine, "step_streams", step_streams)
+    for threaded in (False, True):
+        engine = Engine(model)
+        if threaded:
+            engine.start()
+        broken, healthy = engine.open(chunk_ms=chunks[0]), engine.open(chunk_ms=chunks[-1])
+        broken.feed(clips[0])
+        healthy.feed(clips[0])
         with pytest.raises(EngineError, match="failed") as info:
-            handle.finish(timeout=30)
+            broken.finish(timeout=30)
         assert "out of memory" in str(info.value.__cause__)
-        with pytest.raises(EngineError):
-            engine.open()
+        with pytest.raises(EngineError, match="failed"):
+            broken.feed(clips[0][:100])
+        broken.close()
+        # The other stream, and streams opened later, are not affected.
+        assert_matches_solo(model, healthy.finish(timeout=30), clips[0], None, chunks[-1])
+        later = engine.open(chunk_ms=chunks[-1])
+        later.feed(clips[1])
+        assert_matches_solo(model, later.finish(timeout=30), clips[1], None, chunks[-1])
+        engine.stop()
 
 
 def run_until(engine, handle, audio, rng, stop: int) -> None:
