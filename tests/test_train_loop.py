@@ -313,6 +313,8 @@ def test_config_file_overrides_and_errors(tmp_path):
         load_train_config(None, ["--optim.lr"])
     with pytest.raises(TrainConfigError, match="schedule"):
         load_train_config(None, ["--optim.schedule=linear"])
+    with pytest.raises(TrainConfigError, match="decay_steps"):
+        load_train_config(None, ["--optim.decay_steps=-1"])
     with pytest.raises(TrainConfigError, match="spec_augment"):
         load_train_config(None, ["--augment.spec_augment={freq_mask: 2}"])
     bad = tmp_path / "bad.yaml"
@@ -334,6 +336,12 @@ def test_learning_rate_schedules():
     assert learning_rate(399, noam, 1000) == pytest.approx(0.5)
     constant = OptimSection(lr=1.0, warmup_steps=0, schedule="constant")
     assert learning_rate(500, constant, 10) == 1.0
+    # Warmup-stable-decay: the peak rate until the last decay_steps, then linear to min_lr.
+    wsd = OptimSection(lr=1.0, min_lr=0.1, warmup_steps=0, schedule="constant", decay_steps=100)
+    assert learning_rate(900, wsd, 1000) == 1.0
+    assert learning_rate(901, wsd, 1000) == pytest.approx(0.1 + 0.9 * 0.99)
+    assert learning_rate(950, wsd, 1000) == pytest.approx(0.55)
+    assert learning_rate(1000, wsd, 1000) == pytest.approx(0.1)
 
 
 def test_context_sampling_follows_the_probabilities():

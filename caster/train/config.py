@@ -108,6 +108,10 @@ class OptimSection:
     weight_decay: float = 1e-3
     warmup_steps: int = 1000
     schedule: str = "cosine"  # after warm-up: cosine (to min_lr at max_steps), noam, constant
+    # Linear decay to min_lr over the last decay_steps steps before max_steps, on top of the
+    # schedule (0: none). With "constant" this is warmup-stable-decay: a run can go on at its
+    # peak rate for as long as wanted and still end annealed.
+    decay_steps: int = 0
     grad_clip: float | None = 1.0  # max global gradient norm (None: no clipping)
     accumulate: int = 1  # micro-batches per optimizer step
     # Step the subsampling's output Linear as if its inputs were centred (caster.train.centering;
@@ -312,6 +316,7 @@ def _validate(c: TrainConfig) -> None:
     require(c.optim.lr > 0 and c.optim.min_lr >= 0, "optim.lr must be > 0, optim.min_lr >= 0")
     require(len(c.optim.betas) == 2, "optim.betas must be two numbers")
     require(c.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+    require(c.optim.decay_steps >= 0, "optim.decay_steps must be >= 0")
     require(
         math.isfinite(c.model.ctc_weight) and c.model.ctc_weight >= 0,
         "model.ctc_weight must be >= 0",

@@ -358,7 +358,16 @@ def sample_context(encoder: EncoderConfig, seed: int, step: int) -> tuple[int, i
 
 
 def learning_rate(step: int, optim: OptimSection, max_steps: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warm-up, then the decay."""
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, the schedule, then
+    the final linear decay of `optim.decay_steps`."""
+    rate = _scheduled_rate(step, optim, max_steps)
+    left = max_steps - step
+    if optim.decay_steps > 0 and left < optim.decay_steps:
+        rate = optim.min_lr + (rate - optim.min_lr) * max(left, 0) / optim.decay_steps
+    return rate
+
+
+def _scheduled_rate(step: int, optim: OptimSection, max_steps: int) -> float:
     warmup = optim.warmup_steps
     if step < warmup:
         return optim.lr * (step + 1) / warmup
