@@ -173,6 +173,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
             "spec_augment": {"freq_masks": 1, "freq_width": 8, "time_masks": 2, "time_width": 0.1},
         },
         "data": {"max_batch_seconds": 2.5, "validation": [str(manifest)]},
+        # The pruned loss's heads and their optimizer state are part of the training state.
+        "model": {"prune_range": 3},
         "optim": {"accumulate": 2, "schedule": "cosine", "warmup_steps": 2},
         "run": {
             "max_steps": 6,
@@ -510,6 +512,32 @@ def test_auxiliary_ctc_head_trains_resumes_and_is_not_exported(tmp_path):
         train(TrainConfig.from_dict(without))
     with pytest.raises(TrainConfigError, match="ctc_weight"):
         TrainConfig.from_dict({**raw, "model": {**raw["model"], "ctc_weight": -1.0}})
+
+
+def test_pruned_loss_learns_exact_text_and_is_not_exported(tmp_path):
+    from caster.train.state import TrainStateError, latest_training_state, load_training_state
+
+    manifest = write_manifest(tmp_path / "data")
+    raw = tiny_raw(
+        tmp_path / "run",
+        manifest,
+        model={"prune_range": 3},
+        data={"validation": [str(manifest)]},
+        run={"max_steps": 300, "log_every": 10, "val_every": 0, "val_chunk_ms": [160]},
+    )
+    exported = train(TrainConfig.from_dict(raw))
+    final = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["val"]
+    assert final["160ms/all/wer"] == 0.0
+    state = load_training_state(latest_training_state(tmp_path / "run"))
+    assert state["simple_am"]["weight"].shape == (25, 64)  # vocabulary + blank, from d_model
+    assert state["simple_lm"]["weight"].shape == (25, 64)  # from pred_hidden
+    # Only the transducer is exported: it loads strictly, without the heads' keys.
+    assert not any("simple" in key for key in load_checkpoint(exported).state_dict)
+    without = tiny_raw(tmp_path / "run", manifest, run={"max_steps": 301})
+    with pytest.raises(TrainStateError, match="prune_range"):
+        train(TrainConfig.from_dict(without))
+    with pytest.raises(TrainConfigError, match="prune_range"):
+        TrainConfig.from_dict({**raw, "model": {**raw["model"], "prune_range": 1}})
 
 
 def test_ctc_only_steps_train_the_encoder_alone_first(tmp_path):

@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from caster.config import DecoderConfig
-from caster.train.loss import RNNTLossError, rnnt_loss, rnnt_loss_from_parts
+from caster.train.loss import (
+    RNNTLossError,
+    node_occupancy,
+    prune_windows,
+    pruned_rnnt_loss_from_parts,
+    rnnt_lattice_loss,
+    rnnt_loss,
+    rnnt_loss_from_parts,
+    simple_rnnt_loss,
+)
 from caster.transducer import RNNTJoint
 
 
@@ -253,3 +262,135 @@ def test_matches_torchaudio_when_installed():
     )  # fmt: skip
     got = rnnt_loss(logits, targets, logit_lengths, target_lengths, blank, reduction="none")
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ pruned RNN-T
+
+
+def pruned_case(seed: int, labels: int = 6):
+    vocab, batch, frames = 7, 3, 9
+    joint = tiny_joint(seed, vocab)
+    g = torch.Generator().manual_seed(seed)
+    enc = torch.randn(batch, frames, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    pred = torch.randn(batch, labels + 1, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, vocab, (batch, labels), generator=g)
+    # One utterance with more labels than frames: a window of 2 could not emit them all.
+    enc_lengths = torch.tensor([frames, 5, 2])
+    target_lengths = torch.tensor([labels, 2, min(labels, 5)])
+    return joint, enc, pred, targets, enc_lengths, target_lengths, vocab
+
+
+def test_node_occupancy_counts_every_visited_node_once():
+    logits, targets, logit_lengths, target_lengths, blank = random_case(0, blank_last=True)
+    blank_logp = logits.log_softmax(-1)[..., blank]
+    label_logp = (
+        logits[:, :, :-1]
+        .log_softmax(-1)
+        .gather(-1, targets.clamp_min(0)[:, None, :, None].expand(-1, logits.shape[1], -1, 1))[
+            ..., 0
+        ]
+    )
+    occupancy = node_occupancy(blank_logp, label_logp, logit_lengths, target_lengths)
+    # A path visits T_b + U_b nodes before its final blank.
+    torch.testing.assert_close(
+        occupancy.sum((1, 2)), (logit_lengths + target_lengths).double(), rtol=1e-12, atol=0
+    )
+    # ... and the occupancy is the share of paths leaving the node: minus the loss gradient.
+    blank_leaf, label_leaf = blank_logp.requires_grad_(), label_logp.requires_grad_()
+    losses = rnnt_lattice_loss(blank_leaf, label_leaf, logit_lengths, target_lengths)
+    grad_blank, grad_label = torch.autograd.grad(losses.sum(), (blank_leaf, label_leaf))
+    grad_blank[:, :, :-1] += grad_label
+    torch.testing.assert_close(occupancy, -grad_blank, rtol=1e-12, atol=1e-15)
+
+
+def test_simple_loss_equals_the_full_loss_of_the_summed_logits():
+    g = torch.Generator().manual_seed(5)
+    vocab = 6
+    am = torch.randn(3, 5, vocab + 1, generator=g, dtype=torch.float64, requires_grad=True)
+    lm = torch.randn(3, 4, vocab + 1, generator=g, dtype=torch.float64, requires_grad=True)
+    # Large logits: the normaliser's matrix product must not under- or overflow.
+    am_scaled, lm_scaled = am * 30, lm * 30
+    targets = torch.randint(0, vocab, (3, 3), generator=g)
+    lengths, target_lengths = torch.tensor([5, 3, 1]), torch.tensor([3, 0, 2])
+    full = rnnt_loss(
+        am_scaled[:, :, None] + lm_scaled[:, None], targets, lengths, target_lengths, vocab
+    )
+    simple, occupancy = simple_rnnt_loss(
+        am_scaled, lm_scaled, targets, lengths, target_lengths, vocab
+    )
+    assert simple.item() == pytest.approx(full.item(), rel=1e-10)
+    for a, b in zip(
+        torch.autograd.grad(full, (am, lm), retain_graph=True),
+        torch.autograd.grad(simple, (am, lm)),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert occupancy.shape == (3, 5, 4) and not occupancy.requires_grad
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("window", [2, 3, 4])
+def test_prune_windows_leave_a_path_through_them(seed, window):
+    g = torch.Generator().manual_seed(seed)
+    occupancy = torch.rand(4, 9, 7, generator=g, dtype=torch.float64) ** 8
+    enc_lengths, target_lengths = torch.tensor([9, 2, 4, 1]), torch.tensor([6, 6, 3, 0])
+    starts, used = prune_windows(occupancy, enc_lengths, target_lengths, window)
+    assert window <= used <= 7 and used >= 4  # 6 labels in 2 frames need 4 positions a frame
+    assert starts.dtype == torch.long and starts.shape == (4, 9)
+    assert int(starts.min()) >= 0 and int((starts + used).max()) <= 7
+    assert (starts[:, 0] == 0).all()
+    steps = starts[:, 1:] - starts[:, :-1]
+    assert (steps >= 0).all() and (steps <= used - 1).all()
+    last = starts[torch.arange(4), enc_lengths - 1]
+    assert (last + used - 1 >= target_lengths).all()
+
+
+def test_pruned_loss_with_full_windows_equals_the_full_loss():
+    joint, enc, pred, targets, enc_lengths, target_lengths, vocab = pruned_case(0)
+    params = (enc, pred, *joint.joint_net.parameters())
+    full = rnnt_loss_from_parts(
+        joint.joint_net, enc, pred, targets, enc_lengths, target_lengths, vocab
+    )
+    starts = torch.zeros(enc.shape[:2], dtype=torch.long)
+    pruned = pruned_rnnt_loss_from_parts(
+        joint.joint_net, enc, pred, starts, pred.shape[1], targets, enc_lengths, target_lengths,
+        vocab, chunk_frames=4,
+    )  # fmt: skip
+    assert pruned.item() == pytest.approx(full.item(), rel=1e-12)
+    for a, b in zip(
+        torch.autograd.grad(full, params), torch.autograd.grad(pruned, params), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("window", [2, 3, 5])
+def test_pruned_loss_is_finite_and_bounds_the_full_loss(window):
+    joint, enc, pred, targets, enc_lengths, target_lengths, vocab = pruned_case(1)
+    full = rnnt_loss_from_parts(
+        joint.joint_net, enc, pred, targets, enc_lengths, target_lengths, vocab, reduction="none"
+    )
+    # Occupancy of the full model itself: the windows keep its likeliest paths.
+    logits = joint.joint_net(enc[:, :, None] + pred[:, None]).log_softmax(-1)
+    blank_logp = logits[..., vocab]
+    label_logp = logits[:, :, :-1].gather(-1, targets[:, None, :, None].expand(-1, 9, -1, 1))
+    occupancy = node_occupancy(blank_logp, label_logp[..., 0], enc_lengths, target_lengths)
+    starts, used = prune_windows(occupancy, enc_lengths, target_lengths, window)
+    pruned = pruned_rnnt_loss_from_parts(
+        joint.joint_net, enc, pred, starts, used, targets, enc_lengths, target_lengths, vocab,
+        reduction="none",
+    )  # fmt: skip
+    assert torch.isfinite(pruned).all()
+    assert (pruned >= full - 1e-9).all()  # fewer paths
+    grads = torch.autograd.grad(pruned.sum(), (enc, pred))
+    assert all(torch.isfinite(grad).all() for grad in grads)
+
+
+def test_pruned_loss_rejects_windows_outside_the_lattice():
+    joint, enc, pred, targets, enc_lengths, target_lengths, vocab = pruned_case(0)
+    starts = torch.full(enc.shape[:2], 5, dtype=torch.long)
+    with pytest.raises(RNNTLossError, match="outside"):
+        pruned_rnnt_loss_from_parts(
+            joint.joint_net, enc, pred, starts, 3, targets, enc_lengths, target_lengths, vocab
+        )
+    with pytest.raises(RNNTLossError, match="window"):
+        prune_windows(torch.ones(3, 9, 7), enc_lengths, target_lengths, 1)

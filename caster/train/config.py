@@ -51,6 +51,12 @@ class ModelSection:
     # prediction network and joint do not run, so a step costs about a fifth of a transducer
     # step (measured at vocabulary 2048). 0: the RNN-T loss from the first step.
     ctc_only_steps: int = 0
+    # Pruned RNN-T loss (k2's): the joint runs at only prune_range label positions per frame,
+    # those where a "simple" loss (two training-only linear heads, not exported, whose sum is
+    # the joint) puts its paths; that loss is added with simple_loss_weight. The joint is
+    # most of a transducer step's cost; 0: the joint runs on the whole lattice.
+    prune_range: int = 0
+    simple_loss_weight: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -326,6 +332,14 @@ def _validate(c: TrainConfig) -> None:
         "model.ctc_only_steps needs a CTC head: set model.ctc_weight > 0",
     )
     require(c.model.ctc_only_steps >= 0, "model.ctc_only_steps must be >= 0")
+    require(
+        c.model.prune_range == 0 or c.model.prune_range >= 2,
+        "model.prune_range must be 0 (no pruning) or >= 2",
+    )
+    require(
+        math.isfinite(c.model.simple_loss_weight) and c.model.simple_loss_weight >= 0,
+        "model.simple_loss_weight must be >= 0",
+    )
     require(c.optim.accumulate >= 1, "optim.accumulate must be >= 1")
     require(c.optim.grad_clip is None or c.optim.grad_clip > 0, "optim.grad_clip must be > 0")
     require(c.run.max_steps >= 1, "run.max_steps must be >= 1")

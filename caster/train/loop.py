@@ -91,7 +91,12 @@ from caster.train.evaluate import (
     trained_chunk_ms,
 )
 from caster.train.export import export_nemo
-from caster.train.loss import rnnt_loss_from_parts
+from caster.train.loss import (
+    prune_windows,
+    pruned_rnnt_loss_from_parts,
+    rnnt_loss_from_parts,
+    simple_rnnt_loss,
+)
 from caster.train.metrics import (
     METRICS_FILE,
     PLOT_FILE,
@@ -243,16 +248,37 @@ class TransducerLoss(nn.Module):
             frame-level signal to the encoder that no prediction network can stand in for
             (hybrid CTC/transducer training). Only the transducer is exported; the head
             exists for training.
+        prune_range: > 0 runs the joint at only that many label positions per frame (the
+            pruned RNN-T loss); adds `simple_am` and `simple_lm`, training-only linear heads
+            from the encoder and prediction network to the vocabulary and blank whose "simple"
+            loss chooses the positions.
+        simple_loss_weight: weight of that simple loss.
     """
 
-    def __init__(self, net: Transducer, augment: AugmentSection, ctc_weight: float = 0.0) -> None:
+    def __init__(
+        self,
+        net: Transducer,
+        augment: AugmentSection,
+        ctc_weight: float = 0.0,
+        prune_range: int = 0,
+        simple_loss_weight: float = 0.5,
+    ) -> None:
         super().__init__()
         self.net = net
         self.spec_augment = augment.spec_augment
         self.dither = augment.dither
         self.ctc_weight = ctc_weight
-        vocabulary = net.cfg.decoder.vocab_size + 1  # the pieces and the blank
-        self.ctc_head = nn.Linear(net.cfg.encoder.d_model, vocabulary) if ctc_weight > 0 else None
+        self.prune_range = prune_range
+        self.simple_loss_weight = simple_loss_weight
+        cfg = net.cfg
+        vocabulary = cfg.decoder.vocab_size + 1  # the pieces and the blank
+        self.ctc_head = nn.Linear(cfg.encoder.d_model, vocabulary) if ctc_weight > 0 else None
+        self.simple_am = nn.Linear(cfg.encoder.d_model, vocabulary) if prune_range else None
+        self.simple_lm = nn.Linear(cfg.decoder.pred_hidden, vocabulary) if prune_range else None
+
+    def training_heads(self) -> dict[str, nn.Linear | None]:
+        """The training-only heads by their names in the training state (None: not used)."""
+        return {"ctc_head": self.ctc_head, "simple_am": self.simple_am, "simple_lm": self.simple_lm}
 
     def forward(
         self,
@@ -277,7 +303,8 @@ class TransducerLoss(nn.Module):
                 joint do not run.
 
         Returns:
-            (B,) float32 -log P(targets | audio).
+            (B,) float32 -log P(targets | audio) (over the pruned lattice with prune_range),
+            plus the weighted auxiliary losses.
         """
         net = self.net
         if self.dither > 0:
@@ -297,16 +324,44 @@ class TransducerLoss(nn.Module):
         # The prediction network starts from blank (SOS), then reads each target label.
         labels = torch.cat([targets.new_full((targets.shape[0], 1), blank), targets], dim=1)
         predicted, _ = net.decoder(labels)  # (B, U+1, H)
-        losses = rnnt_loss_from_parts(
-            net.joint.joint_net,
-            net.joint.enc(encoded),
-            net.joint.pred(predicted),
-            targets,
-            encoded_lengths,
-            target_lengths,
-            blank,
-            reduction="none",
-        )
+        enc_proj, pred_proj = net.joint.enc(encoded), net.joint.pred(predicted)
+        if self.simple_am is None or self.simple_lm is None:
+            losses = rnnt_loss_from_parts(
+                net.joint.joint_net,
+                enc_proj,
+                pred_proj,
+                targets,
+                encoded_lengths,
+                target_lengths,
+                blank,
+                reduction="none",
+            )
+        else:
+            simple, occupancy = simple_rnnt_loss(
+                self.simple_am(encoded),  # (B, T', V+1)
+                self.simple_lm(predicted),  # (B, U+1, V+1)
+                targets,
+                encoded_lengths,
+                target_lengths,
+                blank,
+                reduction="none",
+            )
+            starts, window = prune_windows(
+                occupancy, encoded_lengths, target_lengths, self.prune_range
+            )
+            pruned = pruned_rnnt_loss_from_parts(
+                net.joint.joint_net,
+                enc_proj,
+                pred_proj,
+                starts,
+                window,
+                targets,
+                encoded_lengths,
+                target_lengths,
+                blank,
+                reduction="none",
+            )
+            losses = pruned + self.simple_loss_weight * simple
         if self.ctc_head is None:
             return losses
         return losses + self.ctc_weight * self._ctc(
@@ -430,7 +485,13 @@ class Trainer:
                 self.config.context_for_chunk_ms(ms)
             except ValueError as e:
                 raise TrainConfigError(f"run.val_chunk_ms: {e}") from e
-        loss = TransducerLoss(net, cfg.augment, cfg.model.ctc_weight).to(info.device)
+        loss = TransducerLoss(
+            net,
+            cfg.augment,
+            cfg.model.ctc_weight,
+            cfg.model.prune_range,
+            cfg.model.simple_loss_weight,
+        ).to(info.device)
         self.loss = loss
         self.model: nn.Module = loss
         if info.enabled:
@@ -440,7 +501,7 @@ class Trainer:
             self.model = DistributedDataParallel(
                 loss, device_ids=ids, find_unused_parameters=unused
             )
-        self.params = [p for p in loss.parameters() if p.requires_grad]  # net + CTC head
+        self.params = [p for p in loss.parameters() if p.requires_grad]  # net + training heads
         if not self.params:
             raise TrainConfigError("model.freeze leaves nothing to train")
         self.optimizer = adamw(self.params, cfg.optim)
@@ -590,12 +651,15 @@ class Trainer:
     def _restore(self, state: dict[str, Any]) -> None:
         if self.ema is not None and state.get("ema") is None:
             raise TrainStateError("the run uses run.ema_decay but the saved state has no EMA")
-        head = self.loss.ctc_head
-        if (head is None) != (state.get("ctc_head") is None):
-            raise TrainStateError("model.ctc_weight differs from the saved run's (CTC head)")
+        heads = self.loss.training_heads()
+        for name, head in heads.items():
+            if (head is None) != (state.get(name) is None):
+                option = "model.ctc_weight" if name == "ctc_head" else "model.prune_range"
+                raise TrainStateError(f"{option} differs from the saved run's ({name})")
         try:
-            if head is not None:
-                head.load_state_dict(state["ctc_head"])
+            for name, head in heads.items():
+                if head is not None:
+                    head.load_state_dict(state[name])
             self.optimizer.load_state_dict(state["optimizer"])
             if self.ema is not None:
                 self.ema.load_state_dict(state["ema"])
@@ -825,7 +889,10 @@ class Trainer:
         """Write the resumable training state (main process); keep the newest few."""
         rngs = all_gather_objects(rng_state(), self.info)
         path = state_path(self.out, self.step)
-        head = self.loss.ctc_head
+        heads = {
+            name: None if head is None else head.state_dict()
+            for name, head in self.loss.training_heads().items()
+        }
         if self.info.is_main:
             state = {
                 "version": STATE_VERSION,
@@ -833,7 +900,7 @@ class Trainer:
                 "epoch": self.epoch,
                 "position": self.position,
                 "model": self.net.state_dict(),
-                "ctc_head": None if head is None else head.state_dict(),
+                **heads,
                 "model_config": self.config.to_dict(),
                 "tokenizer": torch.frombuffer(bytearray(self.tokenizer_model), dtype=torch.uint8),
                 "optimizer": self.optimizer.state_dict(),

@@ -162,6 +162,178 @@ def rnnt_loss_from_parts(
     )
 
 
+def simple_rnnt_loss(
+    am_logits: Tensor,
+    lm_logits: Tensor,
+    targets: Tensor,
+    enc_lengths: Tensor,
+    target_lengths: Tensor,
+    blank: int,
+    reduction: Reduction = "mean",
+) -> tuple[Tensor, Tensor]:
+    """RNN-T loss of the trivial joint am[t] + lm[u] (k2's "simple" loss), and where its
+    paths go.
+
+    The trivial joint's normaliser is a matrix product, logsumexp_v(am[t,v] + lm[u,v]) =
+    log(exp(am[t]) . exp(lm[u])), so the whole lattice costs (B, T, U+1) numbers and one
+    (T, V) x (V, U+1) product per utterance, not T x U joint evaluations.
+
+    Args:
+        am_logits: (B, T, V+1) per-frame logits (a linear layer on the encoder output).
+        lm_logits: (B, U+1, V+1) per-label logits (a linear layer on the prediction network).
+        targets, enc_lengths, target_lengths, blank, reduction: as for `rnnt_loss`.
+
+    Returns:
+        The loss, and the occupancy (B, T, U+1) of each node (no gradient): what
+        `prune_windows` reads.
+    """
+    if am_logits.dim() != 3 or lm_logits.dim() != 3 or am_logits.shape[::2] != lm_logits.shape[::2]:
+        raise RNNTLossError(
+            f"am_logits must be (B, T, V+1) and lm_logits (B, U+1, V+1), got "
+            f"{tuple(am_logits.shape)} and {tuple(lm_logits.shape)}"
+        )
+    batch, frames, classes = am_logits.shape
+    targets = _check_inputs(
+        targets, enc_lengths, target_lengths, blank, batch, frames, lm_logits.shape[1] - 1, classes
+    )
+    dtype = _compute_dtype(am_logits.dtype)
+    am, lm = am_logits.to(dtype), lm_logits.to(dtype)
+    am_max = am.detach().amax(-1, keepdim=True)  # (B, T, 1)
+    lm_max = lm.detach().amax(-1, keepdim=True)  # (B, U+1, 1)
+    products = torch.bmm((am - am_max).exp(), (lm - lm_max).exp().transpose(1, 2))  # (B, T, U+1)
+    # A product can underflow to 0 where the two peaks sit on different classes.
+    norm = products.clamp_min(torch.finfo(dtype).tiny).log() + am_max + lm_max.transpose(1, 2)
+    blank_logp = am[:, :, blank, None] + lm[:, None, :, blank] - norm  # (B, T, U+1)
+    am_labels = am.gather(2, targets[:, None, :].expand(-1, frames, -1))  # (B, T, U)
+    lm_labels = lm[:, :-1].gather(2, targets[..., None])[..., 0]  # (B, U)
+    label_logp = am_labels + lm_labels[:, None, :] - norm[:, :, :-1]
+    losses = rnnt_lattice_loss(blank_logp, label_logp, enc_lengths, target_lengths)
+    occupancy = node_occupancy(blank_logp, label_logp, enc_lengths, target_lengths)
+    return _reduce(losses, reduction), occupancy
+
+
+def prune_windows(
+    occupancy: Tensor, enc_lengths: Tensor, target_lengths: Tensor, window: int
+) -> tuple[Tensor, int]:
+    """Per frame, the `window` consecutive label positions u that the full loss keeps.
+
+    Each frame's window starts where it covers the most occupancy, then is moved so that
+    a path exists through the windows alone: the first starts at u = 0, starts never
+    decrease, grow by at most window - 1 a frame, and the last frame's window reaches U.
+    The window is widened where an utterance has more labels than that allows.
+
+    Args:
+        occupancy: (B, T, U+1) node occupancy (`simple_rnnt_loss`).
+        enc_lengths, target_lengths: (B,) as for `rnnt_loss`.
+        window: label positions per frame, >= 2.
+
+    Returns:
+        starts (B, T) long, and the window used (at most U+1).
+    """
+    if window < 2:
+        raise RNNTLossError(f"the pruning window must be >= 2, got {window}")
+    _, frames, nodes_u = occupancy.shape
+    device = occupancy.device
+    frames_b = enc_lengths.to(device)[:, None].long()  # (B, 1)
+    labels_b = target_lengths.to(device)[:, None].long()
+    # Enough room to emit every label: U_b <= T_b x (window - 1).
+    needed = int((-(-labels_b // frames_b)).max()) + 1
+    window = min(max(window, needed), nodes_u)
+    sums = occupancy.cumsum(-1)
+    sums = torch.cat([sums[..., window - 1 : window], sums[..., window:] - sums[..., :-window]], -1)
+    starts = sums.argmax(-1)  # (B, T): the window [s, s + window) with the most occupancy
+    t = torch.arange(frames, device=device)[None, :]
+    highest = (labels_b + 1 - window).clamp_min(0)
+    # From frame t the path must still reach U_b: window - 1 labels a frame at most.
+    lowest = torch.where(t < frames_b, labels_b - (frames_b - t) * (window - 1), 0)
+    starts = torch.maximum(torch.minimum(starts, highest), lowest)
+    starts[:, 0] = 0
+    starts = starts.cummax(dim=1).values
+    # s_t <- min(s_t, s_{t-1} + window - 1), unrolled: min over k <= t of s_k + (t-k)(w-1).
+    step = t * (window - 1)
+    starts = step + (starts - step).cummin(dim=1).values
+    return starts, window
+
+
+def pruned_rnnt_loss_from_parts(
+    joint_net: Callable[[Tensor], Tensor],
+    enc_proj: Tensor,
+    pred_proj: Tensor,
+    starts: Tensor,
+    window: int,
+    targets: Tensor,
+    enc_lengths: Tensor,
+    target_lengths: Tensor,
+    blank: int,
+    reduction: Reduction = "mean",
+    chunk_frames: int | None = None,
+) -> Tensor:
+    """RNN-T loss over the pruned lattice: the joint runs only at the nodes (t, u) with
+    starts[b, t] <= u < starts[b, t] + window; every other edge counts as impossible.
+
+    Equal to `rnnt_loss_from_parts` when the windows cover every node, and never below it.
+    k2's pruned RNN-T loss (Kuang et al., 2022), with windows from `prune_windows`.
+
+    Args:
+        joint_net, enc_proj, pred_proj, targets, enc_lengths, target_lengths, blank,
+        reduction, chunk_frames: as for `rnnt_loss_from_parts`.
+        starts: (B, T) first label position of each frame's window (`prune_windows`).
+        window: label positions per frame, at most U+1.
+    """
+    if enc_proj.dim() != 3 or pred_proj.dim() != 3 or enc_proj.shape[::2] != pred_proj.shape[::2]:
+        raise RNNTLossError(
+            f"enc_proj must be (B, T, J) and pred_proj (B, U+1, J), got "
+            f"{tuple(enc_proj.shape)} and {tuple(pred_proj.shape)}"
+        )
+    batch, frames, joint_dim = enc_proj.shape
+    nodes_u = pred_proj.shape[1]
+    if starts.shape != (batch, frames) or not 1 <= window <= nodes_u:
+        raise RNNTLossError(
+            f"starts must be (B, T) = ({batch}, {frames}) and 1 <= window <= {nodes_u}, got "
+            f"{tuple(starts.shape)} and {window}"
+        )
+    classes = _output_size(joint_net, enc_proj)
+    if chunk_frames is None:
+        chunk_frames = max(1, DEFAULT_CHUNK_ELEMENTS // (batch * window * classes))
+    elif chunk_frames < 1:
+        raise RNNTLossError(f"chunk_frames must be >= 1, got {chunk_frames}")
+    targets = _check_inputs(
+        targets, enc_lengths, target_lengths, blank, batch, frames, nodes_u - 1, classes
+    )
+    nodes = starts[..., None] + torch.arange(window, device=starts.device)  # (B, T, W)
+    if int(nodes.min()) < 0 or int(nodes.max()) >= nodes_u:
+        raise RNNTLossError(f"pruning windows reach outside label positions 0..{nodes_u - 1}")
+    next_label = torch.cat([targets, targets.new_zeros(batch, 1)], dim=1)  # (B, U+1)
+    labels = next_label.gather(1, nodes.flatten(1)).view(batch, frames, window)
+
+    def chunk_logprobs(enc_chunk: Tensor, pred: Tensor, chunk_nodes: Tensor, chunk_labels: Tensor):
+        rows = chunk_nodes.flatten(1)[..., None].expand(-1, -1, joint_dim)  # (B, t*W, J)
+        pred_nodes = pred.gather(1, rows).view(*chunk_nodes.shape, joint_dim)  # (B, t, W, J)
+        logits = joint_net(enc_chunk[:, :, None, :] + pred_nodes)  # (B, t, W, V+1)
+        logits = logits.to(_compute_dtype(logits.dtype))
+        return _NodeLogProbs.apply(logits, chunk_labels, blank)
+
+    pieces = [
+        checkpoint(
+            chunk_logprobs,
+            enc_proj[:, start : start + chunk_frames],
+            pred_proj,
+            nodes[:, start : start + chunk_frames],
+            labels[:, start : start + chunk_frames],
+            use_reentrant=False,
+        )
+        for start in range(0, frames, chunk_frames)
+    ]
+    blank_w = torch.cat([blank_part for blank_part, _ in pieces], dim=1)  # (B, T, W)
+    label_w = torch.cat([label_part for _, label_part in pieces], dim=1)
+    impossible = blank_w.new_full((batch, frames, nodes_u), float("-inf"))
+    blank_logp = impossible.scatter(2, nodes, blank_w)  # (B, T, U+1)
+    label_logp = impossible.scatter(2, nodes, label_w)[:, :, :-1]  # (B, T, U)
+    return _reduce(
+        rnnt_lattice_loss(blank_logp, label_logp, enc_lengths, target_lengths), reduction
+    )
+
+
 def rnnt_lattice_loss(
     blank_logp: Tensor, label_logp: Tensor, logit_lengths: Tensor, target_lengths: Tensor
 ) -> Tensor:
@@ -195,13 +367,45 @@ class _LatticeLoss(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         blank_m, label_m, alpha, log_p, logit_lengths, target_lengths = ctx.saved_tensors
         beta = _beta(blank_m, label_m, logit_lengths, target_lengths)  # (B, T+1, U+1)
-        # The share of all paths through an edge, with the sign of d(-log P)/d(logp). Masked
-        # edges have logp = -inf, hence a zero gradient.
-        norm = log_p[:, None, None]
+        # d(-log P)/d(logp) of an edge is minus the share of all paths through it.
+        blank_share, label_share = _edge_shares(blank_m, label_m, alpha, beta, log_p)
         scale = -grad_out[:, None, None]
-        grad_blank = scale * torch.exp(alpha[:, :-1] + blank_m + beta[:, 1:] - norm)
-        grad_label = scale * torch.exp(alpha[:, :-1, :-1] + label_m + beta[:, :-1, 1:] - norm)
-        return grad_blank, grad_label, None, None
+        return scale * blank_share, scale * label_share, None, None
+
+
+def _edge_shares(
+    blank_m: Tensor, label_m: Tensor, alpha: Tensor, beta: Tensor, log_p: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The probability that a path takes each blank (B, T, U+1) and label (B, T, U) edge.
+
+    Masked edges have logp = -inf, hence a zero share.
+    """
+    norm = log_p[:, None, None]
+    blank_share = torch.exp(alpha[:, :-1] + blank_m + beta[:, 1:] - norm)
+    label_share = torch.exp(alpha[:, :-1, :-1] + label_m + beta[:, :-1, 1:] - norm)
+    return blank_share, label_share
+
+
+@torch.no_grad()
+def node_occupancy(
+    blank_logp: Tensor, label_logp: Tensor, logit_lengths: Tensor, target_lengths: Tensor
+) -> Tensor:
+    """The probability that a path visits each node (t, u) of the lattice: (B, T, U+1).
+
+    Every visited node with t < T_b is left by exactly one edge, so a node's occupancy
+    is the sum of its two edges' shares. Arguments as for `rnnt_lattice_loss`.
+    """
+    blank_m, label_m = _mask_edges(blank_logp, label_logp, logit_lengths, target_lengths)
+    alpha = _alpha(blank_m, label_m)
+    batch_idx = torch.arange(blank_logp.shape[0], device=blank_logp.device)
+    log_p = alpha[
+        batch_idx, logit_lengths.to(batch_idx.device), target_lengths.to(batch_idx.device)
+    ]
+    beta = _beta(blank_m, label_m, logit_lengths, target_lengths)
+    blank_share, label_share = _edge_shares(blank_m, label_m, alpha, beta, log_p)
+    occupancy = blank_share.clone()
+    occupancy[:, :, :-1] += label_share
+    return occupancy
 
 
 def _mask_edges(
@@ -305,7 +509,11 @@ def _node_logprobs(logits: Tensor, targets: Tensor, blank: int) -> tuple[Tensor,
         targets: (B, U) label ids, all valid (padding replaced).
         blank: blank id.
     """
-    return _NodeLogProbs.apply(logits, targets, blank)
+    # The last node of each frame has no next label: it reads id 0 and is cut off.
+    next_label = torch.cat([targets, targets.new_zeros(targets.shape[0], 1)], dim=1)
+    index = next_label[:, None, :].expand(-1, logits.shape[1], -1)  # (B, T, U+1)
+    blank_logp, label_logp = _NodeLogProbs.apply(logits, index, blank)
+    return blank_logp, label_logp[:, :, :-1]
 
 
 class _NodeLogProbs(torch.autograd.Function):
@@ -317,11 +525,12 @@ class _NodeLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, blank):  # type: ignore[override]
-        norm = torch.logsumexp(logits, dim=-1)  # (B, T, U+1)
+    def forward(ctx, logits, label_index, blank):  # type: ignore[override]
+        # logits (B, T, N, V+1), label_index (B, T, N): the label read at each node.
+        norm = torch.logsumexp(logits, dim=-1)  # (B, T, N)
         blank_logp = logits[..., blank] - norm
-        index = targets[:, None, :, None].expand(-1, logits.shape[1], -1, 1)  # (B, T, U, 1)
-        label_logp = logits[:, :, :-1].gather(-1, index)[..., 0] - norm[:, :, :-1]
+        index = label_index[..., None]  # (B, T, N, 1)
+        label_logp = logits.gather(-1, index)[..., 0] - norm
         ctx.save_for_backward(logits, norm, index)
         ctx.blank = blank
         return blank_logp, label_logp
@@ -330,12 +539,11 @@ class _NodeLogProbs(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_blank, grad_label):  # type: ignore[override]
         logits, norm, index = ctx.saved_tensors
-        total = grad_blank.clone()  # (B, T, U+1): sum of the gradients of each node's outputs
-        total[:, :, :-1] += grad_label
+        total = grad_blank + grad_label  # (B, T, N): the gradients of each node's outputs
         grad = (logits - norm[..., None]).exp_()  # softmax
         grad.mul_(total[..., None].neg_())
         grad[..., ctx.blank] += grad_blank
-        grad[:, :, :-1].scatter_add_(-1, index, grad_label[..., None])
+        grad.scatter_add_(-1, index, grad_label[..., None])
         return grad, None, None
 
 
