@@ -11,7 +11,8 @@ One optimizer step:
    learns every chunk size, as the released models were trained);
 3. each utterance gets its language prompt: its true language, `auto`, or a mix;
 4. forward (dither -> mel -> SpecAugment -> encoder -> prompt -> joint) under bf16 autocast
-   on GPUs, RNN-T loss (plus `model.ctc_weight` x the CTC loss of a training-only head on
+   on GPUs, RNN-T loss (on the lattice pruned to `model.prune_range` label positions per
+   frame, when set; plus `model.ctc_weight` x the CTC loss of a training-only head on
    the encoder, when set; the CTC loss alone for the first `model.ctc_only_steps`) summed
    per utterance and divided by the global number of utterances of the step, so any split
    over processes and micro-batches gives the same gradient;
