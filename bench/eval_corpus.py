@@ -407,11 +407,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     lid.bar(x, rates("lid", (f"{at}/{AUTO}/{loc}/lid" for loc in locales)), 0.6)
     lid.axhline(95, color="red", linestyle="--", label="target: 95%")
     lid.set_title(f"`auto` language identification, synthetic test set, {TARGET_CHUNK_MS} ms")
-    lid.set_ylim(0, 105)
-    for ax in (bars, lid):
+    for ax, heights in ((bars, errors + cer), (lid, [100.0])):
         ax.set_xticks(x, locales, rotation=90)
         ax.set_ylabel("%")
-        ax.legend()
+        # Head room above the tallest bar (WER passes 100 with insertions) for the legend.
+        ax.set_ylim(0, 1.3 * max([100.0] + [h for h in heights if h == h]))
+        ax.legend(loc="upper left", ncol=3)
     for name, metric, label in (
         ("synthetic", "error", "synthetic, WER (CER zh/ja/ko/th)"),
         ("synthetic", "cer", "synthetic, CER"),
