@@ -10,10 +10,10 @@ import torch
 from caster.config import DecoderConfig
 from caster.train.loss import (
     RNNTLossError,
-    node_occupancy,
     prune_windows,
     pruned_rnnt_loss_from_parts,
     rnnt_lattice_loss,
+    rnnt_lattice_loss_and_occupancy,
     rnnt_loss,
     rnnt_loss_from_parts,
     simple_rnnt_loss,
@@ -280,7 +280,7 @@ def pruned_case(seed: int, labels: int = 6):
     return joint, enc, pred, targets, enc_lengths, target_lengths, vocab
 
 
-def test_node_occupancy_counts_every_visited_node_once():
+def test_occupancy_counts_every_visited_node_once():
     logits, targets, logit_lengths, target_lengths, blank = random_case(0, blank_last=True)
     blank_logp = logits.log_softmax(-1)[..., blank]
     label_logp = (
@@ -290,7 +290,9 @@ def test_node_occupancy_counts_every_visited_node_once():
             ..., 0
         ]
     )
-    occupancy = node_occupancy(blank_logp, label_logp, logit_lengths, target_lengths)
+    occupancy = rnnt_lattice_loss_and_occupancy(
+        blank_logp, label_logp, logit_lengths, target_lengths
+    )[1]
     # A path visits T_b + U_b nodes before its final blank.
     torch.testing.assert_close(
         occupancy.sum((1, 2)), (logit_lengths + target_lengths).double(), rtol=1e-12, atol=0
@@ -373,7 +375,9 @@ def test_pruned_loss_is_finite_and_bounds_the_full_loss(window):
     logits = joint.joint_net(enc[:, :, None] + pred[:, None]).log_softmax(-1)
     blank_logp = logits[..., vocab]
     label_logp = logits[:, :, :-1].gather(-1, targets[:, None, :, None].expand(-1, 9, -1, 1))
-    occupancy = node_occupancy(blank_logp, label_logp[..., 0], enc_lengths, target_lengths)
+    occupancy = rnnt_lattice_loss_and_occupancy(
+        blank_logp, label_logp[..., 0], enc_lengths, target_lengths
+    )[1]
     starts, used = prune_windows(occupancy, enc_lengths, target_lengths, window)
     pruned = pruned_rnnt_loss_from_parts(
         joint.joint_net, enc, pred, starts, used, targets, enc_lengths, target_lengths, vocab,
